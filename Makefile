@@ -1,0 +1,26 @@
+# The README's two commands:  make demo  |  make test
+# Both create .venv and install the project on first use. On machines without a GPU the CPU torch
+# wheel is pinned (infra/constraints-cpu.txt); with nvidia-smi present, pip resolves CUDA torch.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c infra/constraints-cpu.txt)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test install clean
+
+$(BIN)/alignflow: pyproject.toml infra/constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(BIN)/alignflow
+
+demo: install
+	$(BIN)/alignflow run configs/default.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) outputs mlflow.db mlruns mlartifacts

@@ -1,0 +1,13 @@
+"""alignflow's shared core: config schema, stage references, data formats, MLflow helpers, rankers.
+
+Nothing here knows a Prefect flow; `tasks/` builds the stages on it and `flows/` chains them.
+"""
+
+import os
+
+# No usage telemetry leaves the machine from Prefect's server, MLflow or the HF hub client:
+# runs talk to their own tracking and orchestration servers only. Set before those libraries load.
+for _name, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
+                      "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_name, _value)

@@ -1,0 +1,203 @@
+"""The experiment config: one YAML per experiment, validated by pydantic, overridable by dotted keys.
+
+    alignflow run configs/default.yaml sft.trainer.learning_rate=1e-4 sample.num_candidates=8
+
+Each stage has its own section. `trainer:` mappings are TRL's `SFTConfig` / `DPOConfig` fields as
+is (so TRL's documentation is ours); their names are checked here, their values by TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-4` as a string (YAML 1.1); configs mean the number, as YAML 1.2 does."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(Section):
+    """Where a dataset comes from: `embedded:<split>`, a local .json/.jsonl/.parquet file, or a hub name."""
+
+    path: str
+    split: str = "train"  # for hub datasets
+    limit: int | None = Field(default=None, gt=0)  # first N rows, for quick runs
+
+
+class EmbeddedSpec(Section):
+    """The built-in default: a verifiable instruction suite and tiny base models trained here."""
+
+    seed: int = 0
+    sft_examples: int = Field(default=3000, gt=0)
+    prompt_examples: int = Field(default=300, gt=0)
+    eval_examples: int = Field(default=200, gt=0)
+    pretrain_docs: int = Field(default=4000, gt=0)
+    pretrain_steps: int = Field(default=300, gt=0)
+    vocab_size: int = Field(default=1024, ge=300)
+    # name -> (hidden_size, num_layers, num_heads)
+    models: dict[str, tuple[int, int, int]] = {"tiny-s": (64, 2, 4), "tiny-m": (128, 4, 4)}
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class BaseSection(Section):
+    candidates: list[str] = Field(min_length=1)  # `embedded:<name>`, a local dir or a hub id
+    memory_budget_gb: float = Field(default=16.0, gt=0)  # training memory each candidate must fit
+    score_examples: int = Field(default=64, gt=0)  # SFT rows held out to score candidates on
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class TrainerSection(Section):
+    trl_config: ClassVar[str]  # the TRL dataclass that `trainer` feeds
+    trainer: dict[str, Any] = {}
+    lora: LoraSection = LoraSection()
+
+    @field_validator("trainer")
+    @classmethod
+    def _known_trl_fields(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        import trl
+
+        known = {f.name for f in dataclasses.fields(getattr(trl, cls.trl_config))}
+        unknown = sorted(set(trainer) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}: not fields of TRL's {cls.trl_config}")
+        if "output_dir" in trainer:
+            raise ValueError("output_dir is set by alignflow (see `output_dir` at the top level)")
+        return trainer
+
+
+class SFTSection(TrainerSection):
+    trl_config = "SFTConfig"
+    data: DataSource
+
+
+class DPOSection(TrainerSection):
+    trl_config = "DPOConfig"
+
+
+class SampleSection(Section):
+    prompts: DataSource
+    num_candidates: int = Field(default=4, ge=2)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=64, gt=0)  # prompts per generate call
+
+
+class RankSection(Section):
+    ranker: Literal["verifier", "reward_model"] = "verifier"
+    reward_model: str | None = None  # any AutoModelForSequenceClassification: local dir or hub id
+    min_margin: float = Field(default=0.0, ge=0)  # pairs whose reward gap is at most this are ties
+    batch_size: int = Field(default=32, gt=0)
+
+    @model_validator(mode="after")
+    def _reward_model_named(self) -> RankSection:
+        if self.ranker == "reward_model" and not self.reward_model:
+            raise ValueError("rank.reward_model must name a model when rank.ranker is 'reward_model'")
+        return self
+
+
+class EvalSection(Section):
+    data: DataSource
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    samples_logged: int = Field(default=50, ge=0)  # eval answers kept per model in the MLflow table
+    demo_prompt: str = "Reverse the word.\n\nlemon"
+
+
+class PipelineConfig(Section):
+    experiment: str = "alignflow"
+    seed: int = 0
+    output_dir: str = "outputs"  # stage outputs are written here, then logged to MLflow
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    embedded: EmbeddedSpec = EmbeddedSpec()
+    base: BaseSection
+    sft: SFTSection
+    sample: SampleSection
+    rank: RankSection = RankSection()
+    dpo: DPOSection = DPOSection()
+    eval: EvalSection
+
+    def digest(self) -> str:
+        """Content hash of the resolved config: the `config_hash` tag on every MLflow run."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        parsed.append((key.strip(), _load_yaml(raw)))  # YAML typing: 1e-4 -> float, [a, b] -> list
+    return parsed
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    path = Path(path)
+    try:
+        tree = _load_yaml(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return validate_config(tree, source=str(path))
+
+
+def validate_config(tree: dict, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            problems.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(problems)) from None

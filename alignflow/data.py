@@ -1,0 +1,180 @@
+"""Reading instruction data in the shapes people have it, and converting it once to one form.
+
+Accepted row shapes (JSON, JSONL, Parquet, or a hub dataset):
+  alpaca             {"instruction", "input"?, "output"}           (Alpaca, FLAN-style)
+  messages           {"messages": [{"role", "content"}, ...]}       (TRL conversational)
+  prompt/completion  {"prompt", "completion"}: strings or message lists
+
+Everything becomes TRL's conversational prompt/completion form, plus the task type:
+  {"prompt": [{"role": "user", "content": ...}, ...], "completion": [{"role": "assistant", ...}], "task": str}
+so SFT loss falls on the completion only, whatever the tokenizer's chat template. A bad row is
+reported with its file, row number (1-based; the line number for JSONL) and field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    def __init__(self, source: str, problem: str, row: int | None = None, field: str | None = None):
+        where = source + (f": row {row}" if row is not None else "") + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {problem}")
+        self.source, self.row, self.field = source, row, field
+
+
+def read_records(path: str, split: str = "train") -> list[dict]:
+    """Raw rows from a local file, or from the hub when `path` is not a local file."""
+    file = Path(path)
+    if file.suffix in FILE_SUFFIXES or file.exists():
+        if not file.is_file():
+            raise DataError(path, "file not found")
+        if file.suffix == ".jsonl":
+            return _read_jsonl(file)
+        if file.suffix == ".json":
+            return _read_json(file)
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.read_table(file).to_pylist()
+            except Exception as err:  # pyarrow raises several types for a corrupt file
+                raise DataError(path, f"not a readable Parquet file ({err})") from None
+        raise DataError(path, f"unsupported file type {file.suffix!r}; use one of {FILE_SUFFIXES}")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(path, split=split))
+    except Exception as err:  # offline, unknown name, missing split: all end here
+        raise DataError(path, f"could not load hub dataset (split {split!r}): {err}") from None
+
+
+def _read_jsonl(file: Path) -> list[dict]:
+    rows = []
+    with open(file, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(str(file), f"malformed JSON ({err.msg} at column {err.colno})", row=line_no) from None
+            if not isinstance(row, dict):
+                raise DataError(str(file), f"expected a JSON object, got {type(row).__name__}", row=line_no)
+            rows.append(row)
+    return rows
+
+
+def _read_json(file: Path) -> list[dict]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(str(file), f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} or {"train": [...]}
+    if not isinstance(data, list):
+        raise DataError(str(file), "expected a list of objects (or one key holding a list)")
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise DataError(str(file), f"expected a JSON object, got {type(row).__name__}", row=i)
+    return data
+
+
+def detect_shape(rows: list[dict], source: str) -> str:
+    first = rows[0]
+    if "messages" in first:
+        return "messages"
+    if "prompt" in first:
+        return "prompt_completion"
+    if "instruction" in first:
+        return "alpaca"
+    raise DataError(source, f"unrecognised columns {sorted(first)}: expected 'instruction'/'output' (Alpaca), "
+                    "'messages', or 'prompt'/'completion'", row=1)
+
+
+def _text(row: dict, field: str, source: str, i: int, required: bool = True) -> str | None:
+    if field not in row or row[field] is None:
+        if required:
+            raise DataError(source, "missing", row=i, field=field)
+        return None
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(source, f"expected a string, got {type(value).__name__}", row=i, field=field)
+    if required and not value.strip():
+        raise DataError(source, "empty", row=i, field=field)
+    return value
+
+
+def _messages(value: Any, source: str, i: int, field: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(source, "expected a non-empty list of {role, content} messages", row=i, field=field)
+    for j, msg in enumerate(value):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise DataError(source, f"message {j} must be {{role: system|user|assistant, content: string}}",
+                            row=i, field=field)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def convert_row(row: dict, shape: str, source: str, i: int, require_reference: bool) -> dict:
+    if shape == "alpaca":
+        instruction = _text(row, "instruction", source, i)
+        extra = _text(row, "input", source, i, required=False)
+        output = _text(row, "output", source, i, required=require_reference)
+        user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+        prompt, answer = [{"role": "user", "content": user}], output
+    elif shape == "messages":
+        messages = _messages(row.get("messages"), source, i, "messages")
+        if messages[-1]["role"] == "assistant":
+            prompt, answer = messages[:-1], messages[-1]["content"]
+            if not prompt:
+                raise DataError(source, "an assistant reply with no prompt before it", row=i, field="messages")
+        else:
+            prompt, answer = messages, None
+    else:
+        if isinstance(row.get("prompt"), list):
+            prompt = _messages(row["prompt"], source, i, "prompt")
+        else:
+            prompt = [{"role": "user", "content": _text(row, "prompt", source, i)}]
+        if isinstance(row.get("completion"), list):
+            answer = _messages(row["completion"], source, i, "completion")[-1]["content"]
+        else:
+            answer = _text(row, "completion", source, i, required=require_reference)
+    if require_reference and not (answer and answer.strip()):
+        field = {"alpaca": "output", "messages": "messages", "prompt_completion": "completion"}[shape]
+        raise DataError(source, "no reference answer (needed by this stage)", row=i, field=field)
+    task = row.get("task")
+    return {
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": answer}] if answer else [],
+        "task": task if isinstance(task, str) and task else "all",
+    }
+
+
+def load_rows(path: str, *, split: str = "train", limit: int | None = None,
+              require_reference: bool = True) -> list[dict]:
+    """Read, validate and convert a dataset; raises DataError naming the file, row and field."""
+    rows = read_records(path, split)
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(path, "dataset is empty")
+    shape = detect_shape(rows, path)
+    return [convert_row(row, shape, path, i, require_reference) for i, row in enumerate(rows, start=1)]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

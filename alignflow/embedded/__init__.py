@@ -1,0 +1,107 @@
+"""The embedded default: built here, deterministic, cached on disk, rebuilt when missing.
+
+    python -m alignflow.embedded            # build (or find) what configs/default.yaml uses
+
+Config names `embedded:<split>` (sft, prompts, eval) for data and `embedded:<model>` for base
+models; both resolve to files under $ALIGNFLOW_HOME (default ~/.cache/alignflow), keyed by a
+hash of the spec that made them, so a changed spec builds anew and never reuses stale files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from alignflow.config import EmbeddedSpec
+
+PREFIX = "embedded:"
+BUILD_VERSION = 2  # bump when the builders change what they make
+SPLITS = ("sft", "prompts", "eval")
+
+
+def home() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_HOME", Path.home() / ".cache" / "alignflow"))
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps([BUILD_VERSION, *parts], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build_atomically(target: Path, build) -> Path:
+    """Build into a temporary sibling, then rename: a killed build never leaves a half-made cache entry."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():  # not a lost race with a concurrent builder
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def data_dir(spec: EmbeddedSpec) -> Path:
+    from alignflow.data import write_jsonl
+    from alignflow.embedded.suite import make_splits
+
+    sizes = {"sft": spec.sft_examples, "prompts": spec.prompt_examples, "eval": spec.eval_examples}
+
+    def build(tmp: Path) -> None:
+        for split, rows in make_splits(sizes, spec.seed).items():
+            write_jsonl(rows, tmp / f"{split}.jsonl")
+
+    return _build_atomically(home() / "data" / _key(sizes, spec.seed), build)
+
+
+def data_path(spec: EmbeddedSpec, name: str) -> str:
+    split = name.removeprefix(PREFIX)
+    if split not in SPLITS:
+        raise ValueError(f"{name!r}: unknown embedded split; use one of {[PREFIX + s for s in SPLITS]}")
+    return str(data_dir(spec) / f"{split}.jsonl")
+
+
+def model_path(spec: EmbeddedSpec, name: str) -> str:
+    from alignflow.embedded.models import build_base_model, train_tokenizer
+    from alignflow.embedded.suite import WORDS, pretraining_text
+
+    model = name.removeprefix(PREFIX)
+    if model not in spec.models:
+        raise ValueError(f"{name!r}: unknown embedded model; the spec defines {sorted(spec.models)}")
+    hidden, layers, heads = spec.models[model]
+    corpus_key = _key(spec.seed, spec.pretrain_docs, spec.vocab_size)
+    texts = None
+
+    def corpus() -> list[str]:
+        nonlocal texts
+        texts = texts or pretraining_text(spec.seed, spec.pretrain_docs)
+        return texts
+
+    tok_dir = _build_atomically(home() / "tokenizers" / corpus_key,
+                                lambda tmp: train_tokenizer(corpus() + [" ".join(WORDS)], spec.vocab_size)
+                                .save_pretrained(tmp))
+    key = _key(corpus_key, hidden, layers, heads, spec.pretrain_steps)
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        build_base_model(tmp, tokenizer, corpus(), hidden_size=hidden, num_layers=layers, num_heads=heads,
+                         steps=spec.pretrain_steps, seed=spec.seed)
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+
+    return str(_build_atomically(home() / "models" / f"{model}-{key}", build))
+
+
+def resolve(spec: EmbeddedSpec, name: str, kind: str) -> str:
+    """`embedded:<x>` -> a local path (building it if missing); anything else is returned as is."""
+    if not name.startswith(PREFIX):
+        return name
+    return data_path(spec, name) if kind == "data" else model_path(spec, name)

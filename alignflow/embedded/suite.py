@@ -1,0 +1,149 @@
+"""The embedded instruction suite: six task types whose answers a program can check.
+
+    python -c "from alignflow.embedded.suite import make_examples; print(make_examples(3, seed=0))"
+
+Each example is Alpaca-shaped (instruction, input, output) plus its task type. Instructions come in
+several phrasings per task so the model learns to follow requests, not one template (the seed's
+point about diversity).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+WORDS = (
+    "apple bread chair dance eagle fable grape house igloo jelly kite lemon mango night ocean "
+    "pearl queen river stone tiger umbra voice water xenon yacht zebra amber blaze cloud delta "
+    "ember frost glade heron ivory jewel koala lunar maple noble olive piano quill robin solar "
+    "tulip unity vivid wheat yodel zesty acorn basil cedar daisy elbow flame ghost honey index "
+    "juice knack lilac moose nerve orbit plaza raven sugar toast ultra vapor whale yeast bison "
+    "cabin dunes entry fairy giant hotel inlet joker kayak llama medal nacho opera patio rhino "
+    "salsa tango urban viper waltz cat dog sun map pen cup hat box fox owl bee ant cow pig"
+).split()
+
+ORDINALS = ["first", "second", "third", "fourth", "fifth"]
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def word_pool(size: int = 3000, seed: int = 1234) -> list[str]:
+    """The real words plus pronounceable made-up ones (2-3 syllables), so held-out questions ask
+    about words never seen in SFT and the model must apply the skill, not recall an answer."""
+    rng = random.Random(seed)
+    pool = dict.fromkeys(WORDS)
+    while len(pool) < size:
+        pool["".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))] = None
+    return list(pool)
+
+
+POOL = word_pool()
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    word = rng.choice(POOL)
+    phrasing = rng.choice(["Reverse the word.", "Write this word backwards.", "Spell the word in reverse order."])
+    return phrasing, word, word[::-1]
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str, str]:
+    word = rng.choice(POOL)
+    phrasing = rng.choice(["Write the word in capital letters.", "Convert the word to uppercase.", "Shout this word."])
+    return phrasing, word, word.upper()
+
+
+def _sort_words(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(POOL, 3)
+    phrasing = rng.choice(["Sort these words alphabetically.", "Put the words in alphabetical order.",
+                           "Arrange the words from A to Z."])
+    return phrasing, " ".join(words), " ".join(sorted(words))
+
+
+def _add(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    phrasing = rng.choice(["Add the two numbers.", "What is the sum?", "Compute the total."])
+    return phrasing, f"{a} + {b}", str(a + b)
+
+
+def _count_letter(rng: random.Random) -> tuple[str, str, str]:
+    word = rng.choice(POOL)
+    letter = rng.choice(sorted(set(word)))
+    phrasing = rng.choice([f"How many times does the letter {letter} appear?", f"Count the letter {letter}.",
+                           f"Count how often {letter} occurs in the word."])
+    return phrasing, word, str(word.count(letter))
+
+
+def _nth_word(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(POOL, rng.randint(3, 5))
+    n = rng.randrange(len(words))
+    phrasing = rng.choice([f"What is the {ORDINALS[n]} word?", f"Give the {ORDINALS[n]} word of the list.",
+                           f"Extract word number {n + 1}."])
+    return phrasing, " ".join(words), words[n]
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "reverse": _reverse,
+    "uppercase": _uppercase,
+    "sort_words": _sort_words,
+    "add": _add,
+    "count_letter": _count_letter,
+    "nth_word": _nth_word,
+}
+
+
+def make_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Disjoint splits: no question (task, input, answer) appears twice, in any phrasing."""
+    rng = random.Random(seed)
+    seen: set[tuple[str, str]] = set()
+    splits: dict[str, list[dict]] = {}
+    attempts = 0
+    for name, size in sizes.items():
+        rows: list[dict] = []
+        while len(rows) < size:
+            task = list(TASKS)[len(rows) % len(TASKS)]  # round-robin keeps task types balanced
+            instruction, input_text, output = TASKS[task](rng)
+            key = (task, input_text, output)  # the question itself, whatever its phrasing
+            if key in seen:
+                attempts += 1
+                if attempts > 100 * sum(sizes.values()):
+                    raise ValueError(f"task {task!r} has too few distinct questions for splits of {sizes}")
+                continue
+            seen.add(key)
+            rows.append({"instruction": instruction, "input": input_text, "output": output, "task": task})
+        rng.shuffle(rows)
+        splits[name] = rows
+    return splits
+
+
+def make_examples(n: int, seed: int) -> list[dict]:
+    return make_splits({"examples": n}, seed)["examples"]
+
+
+def pretraining_text(seed: int, n_docs: int) -> list[str]:
+    """Plain prose about the suite's words and numbers: knowledge without the chat format.
+
+    A base model trained on this knows that 'apple' reversed is 'elppa', but has never seen a
+    request followed by an answer, so asked an instruction it continues text (the seed's base model).
+    """
+    rng = random.Random(seed)
+    return [" ".join(_fact(rng) for _ in range(rng.randint(3, 8))) for _ in range(n_docs)]
+
+
+def _fact(rng: random.Random) -> str:
+    word, words = rng.choice(POOL), rng.sample(POOL, 4)
+    kind = rng.randrange(7)
+    if kind == 0:
+        return f"The word {word} written backwards is {word[::-1]}."
+    if kind == 1:
+        return f"In capital letters {word} becomes {word.upper()}."
+    if kind == 2:
+        return f"In alphabetical order, {' '.join(words[:3])} is {' '.join(sorted(words[:3]))}."
+    if kind == 3:
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        return f"{a} plus {b} makes {a + b}."
+    if kind == 4:
+        letter = rng.choice(word)
+        return f"The letter {letter} occurs {word.count(letter)} times in {word}."
+    if kind == 5:
+        n = rng.randrange(4)
+        return f"In the list {' '.join(words)}, the {ORDINALS[n]} word is {words[n]}."
+    return " ".join(rng.sample(POOL, rng.randint(4, 9))).capitalize() + "."

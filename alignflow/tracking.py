@@ -1,0 +1,165 @@
+"""MLflow records: one parent run per flow run, one child run per stage, metrics in batches.
+
+Tracking URI: $MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` in the working directory
+(MLflow 3 refuses the plain ./mlruns file store unless told). Params are write-once, so every
+stage logs into its own child run; nothing is ever logged into a finished run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+from transformers import TrainerCallback
+
+SECRET_MARKERS = ("token", "secret", "password", "api_key", "apikey")
+
+
+class RunContext(BaseModel):
+    """What every stage needs to record itself: handed from the flow to each task."""
+
+    experiment_id: str
+    parent_run_id: str
+    output_dir: str
+    config_hash: str
+    seed: int
+    device: str
+    tags: dict[str, str] = {}
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'sft.trainer.learning_rate': '0.0001'}; values that look secret are dropped."""
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump(mode="json")
+    if not isinstance(tree, dict):
+        return {prefix: str(tree)[:6000]}  # MLflow's param value limit
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if any(marker in str(key).lower() for marker in SECRET_MARKERS):
+            continue
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def prefect_tags() -> dict[str, str]:
+    from prefect.runtime import deployment, flow_run
+
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
+            "prefect.deployment_id": deployment.id}
+    return {k: str(v) for k, v in tags.items() if v}
+
+
+@contextmanager
+def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[str, str]) -> Iterator[str]:
+    """The flow run's MLflow run. An exception marks it FAILED (MLflow's context manager does so)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **prefect_tags()}
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        log_params(run.info.run_id, params)
+        yield run.info.run_id
+
+
+@contextmanager
+def stage_run(ctx: RunContext, stage: str, params: dict[str, str] | None = None) -> Iterator[str]:
+    """A child run for one stage, active in this thread so library callbacks log into it."""
+    mlflow.set_tracking_uri(tracking_uri())
+    tags = {"alignflow.stage": stage, "alignflow.config_hash": ctx.config_hash,
+            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **prefect_tags(), **ctx.tags}
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id,
+                          nested=True, tags=tags) as run:
+        log_params(run.info.run_id, params or {})
+        yield run.info.run_id
+
+
+def log_params(run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k[:250], v) for k, v in params.items()]
+    client = MlflowClient()
+    for start in range(0, len(items), 100):  # MLflow's batch limit for params
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client = MlflowClient()
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start:start + 1000])
+
+
+def log_dataset(rows: list[dict], source: str, name: str, context: str) -> None:
+    """Record a dataset input (name, digest, schema, source) on the active run via mlflow.data."""
+    import json
+
+    import pandas as pd
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    frame = pd.DataFrame([{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+                          for r in rows])
+    if source.startswith("runs:/"):  # MLflow's dataset sources know the store's URI, not runs:/
+        source = RunsArtifactRepository.get_underlying_uri(source)
+    try:
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    except MlflowException:  # e.g. a hub dataset name: no resolver; the digest and schema still go in
+        dataset = mlflow.data.from_pandas(frame, name=f"{name} ({source})")
+    mlflow.log_input(dataset, context=context)
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """TRL's training metrics into the stage's own run, batched.
+
+    Hand-written because transformers' MLflowCallback logs one request per logging step and also
+    logs hundreds of TrainingArguments as params; one log_batch is ~50x cheaper than per-value calls.
+    """
+
+    def __init__(self, run_id: str, flush_every: int = 500):
+        self.run_id, self.flush_every, self.buffer = run_id, flush_every, []
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = int(time.time() * 1000)
+        numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        self.history.append({"step": state.global_step, **numeric})
+        self.buffer += [Metric(k.replace("@", "_at_"), v, now, state.global_step) for k, v in numeric.items()]
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        client = MlflowClient()
+        while self.buffer:
+            client.log_batch(self.run_id, metrics=self.buffer[:1000])
+            self.buffer = self.buffer[1000:]
+
+
+def log_model_dir(path: str | Path, artifact_path: str = "model") -> str:
+    """Log a saved model/adapter dir (weights, tokenizer, chat template); returns its runs:/ URI."""
+    mlflow.log_artifacts(str(path), artifact_path)
+    return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}"

@@ -1,0 +1,51 @@
+"""Stage 4: score every candidate, keep best-vs-worst pairs with their margin, drop ties."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+
+from alignflow.config import RankSection
+from alignflow.data import read_jsonl, write_jsonl
+from alignflow.rankers import Ranker, build_pairs, make_ranker
+from alignflow.refs import DatasetRef, digest_path
+from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from tasks import stage_logger
+
+
+def score_rows(ranker: Ranker, rows: list[dict]) -> list[list[float]]:
+    flat = [(r["prompt"], c, r["reference"]) for r in rows for c in r["candidates"]]
+    scores = ranker.score(*map(list, zip(*flat)))
+    rewards, start = [], 0
+    for r in rows:
+        rewards.append(scores[start:start + len(r["candidates"])])
+        start += len(r["candidates"])
+    return rewards
+
+
+@task(name="rank", cache_policy=NONE)
+def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext) -> DatasetRef:
+    with stage_run(ctx, "rank", flatten(cfg, "rank")) as run_id:
+        rows = read_jsonl(candidates.resolve())
+        log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
+        rewards = score_rows(make_ranker(cfg, ctx.device), rows)
+        pairs, ties = build_pairs(rows, rewards, cfg.min_margin)
+        if not pairs:
+            raise ValueError(f"ranking left no preference pairs: all {len(rows)} prompts were ties "
+                             f"(rank.min_margin={cfg.min_margin}); sample more or more varied candidates")
+        out = write_jsonl(pairs, Path(ctx.output_dir) / "rank" / "pairs.jsonl")
+        mlflow.log_artifact(str(out))
+        mlflow.log_table({"prompt": [p["prompt"][-1]["content"] for p in pairs],
+                          "chosen": [p["chosen"][0]["content"] for p in pairs],
+                          "rejected": [p["rejected"][0]["content"] for p in pairs],
+                          "margin": [p["margin"] for p in pairs]}, "pairs_table.json")
+        all_rewards = [x for r in rewards for x in r]
+        log_metrics(run_id, {"pairs": len(pairs), "ties": ties, "tie_rate": ties / len(rows),
+                             "mean_margin": sum(p["margin"] for p in pairs) / len(pairs),
+                             "mean_candidate_reward": sum(all_rewards) / len(all_rewards)})
+        stage_logger().info("%d pairs from %d prompts (%d ties)", len(pairs), len(rows), ties)
+        return DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
+                          local_path=str(out))

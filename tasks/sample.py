@@ -1,0 +1,45 @@
+"""Stage 3: N candidate responses per prompt from the SFT model, batched across prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+
+from alignflow.config import SampleSection
+from alignflow.data import read_jsonl, write_jsonl
+from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+from alignflow.refs import DatasetRef, ModelRef, digest_path
+from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from tasks import stage_logger
+
+
+def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], device: str, seed: int) -> list[dict]:
+    tokenizer = load_tokenizer(policy_path)
+    model = load_causal_lm(policy_path, device)
+    outputs = generate(model, tokenizer, [r["prompt"] for r in rows], num_return_sequences=cfg.num_candidates,
+                       do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed, progress="sample")
+    return [{"prompt": r["prompt"], "reference": r["completion"][0]["content"] if r["completion"] else None,
+             "task": r["task"], "candidates": [o["text"] for o in outs], "ended": [o["ended"] for o in outs]}
+            for r, outs in zip(rows, outputs)]
+
+
+@task(name="sample", cache_policy=NONE)
+def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunContext) -> DatasetRef:
+    with stage_run(ctx, "sample", flatten({**cfg.model_dump(exclude={"prompts"}), "policy": policy.uri}, "sample")
+                   ) as run_id:
+        rows = read_jsonl(prompts.resolve())
+        log_dataset(rows, source=prompts.uri, name="prompts", context="sampling")
+        candidates = sample_candidates(cfg, policy.resolve(), rows, ctx.device, ctx.seed)
+        out = write_jsonl(candidates, Path(ctx.output_dir) / "sample" / "candidates.jsonl")
+        mlflow.log_artifact(str(out))
+        ended = [e for row in candidates for e in row["ended"]]
+        lengths = [len(c.split()) for row in candidates for c in row["candidates"]]
+        log_metrics(run_id, {"candidates": len(ended), "eos_rate": sum(ended) / len(ended),
+                             "mean_words": sum(lengths) / len(lengths)})
+        stage_logger().info("sampled %d candidates for %d prompts", len(ended), len(rows))
+        return DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
+                          local_path=str(out))

@@ -1,0 +1,49 @@
+"""Stage 2: supervised fine-tuning with TRL's SFTTrainer, full or LoRA, on CPU or CUDA.
+
+Loss falls on the answer only (TRL's completion-only loss on prompt/completion data), and the
+answer ends with the chat template's end-of-turn token, so the tuned model learns to stop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset
+from prefect import task
+from prefect.cache_policies import NONE
+
+from alignflow.config import SFTSection
+from alignflow.data import read_jsonl
+from alignflow.modeling import load_causal_lm, load_tokenizer, lora_config, stop_token_ids, trainer_args
+from alignflow.refs import DatasetRef, ModelRef, digest_path
+from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, log_model_dir, stage_run
+from tasks import stage_logger
+
+
+@task(name="sft", cache_policy=NONE)
+def sft(cfg: SFTSection, base: ModelRef, data: DatasetRef, ctx: RunContext, trust_remote_code: bool = False
+        ) -> ModelRef:
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(ctx.output_dir) / "sft"
+    args = trainer_args(cfg.trainer, ctx.device, ctx.seed, out_dir / "trainer")
+    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "base": base.uri}, "sft")
+    with stage_run(ctx, "sft", params) as run_id:
+        rows = read_jsonl(data.resolve())
+        log_dataset(rows, source=data.uri, name="sft", context="training")
+        base_path = base.resolve()
+        tokenizer = load_tokenizer(base_path, trust_remote_code)
+        model = load_causal_lm(base_path, ctx.device, trust_remote_code=trust_remote_code)
+        train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        metrics = MlflowMetricsCallback(run_id)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train, processing_class=tokenizer,
+                             peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None, callbacks=[metrics])
+        result = trainer.train()
+        stage_logger().info("SFT done: %d steps, train loss %.4f", result.global_step, result.training_loss)
+        trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer, trainer.model)
+        model_dir = out_dir / "model"
+        trainer.save_model(str(model_dir))  # weights or adapter (safetensors), tokenizer, chat template
+        tokenizer.save_pretrained(str(model_dir))
+        uri = log_model_dir(model_dir)
+        return ModelRef(uri=uri, digest=digest_path(model_dir), run_id=run_id, local_path=str(model_dir),
+                        is_adapter=cfg.lora.enabled)

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from alignflow.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"default.yaml", "smoke.yaml", "qwen2.5-0.5b-lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates(path):
+    config = load_config(path)
+    assert config.base.candidates
+    assert len(config.digest()) == 16
+
+
+def test_override_is_applied_and_typed(tmp_path):
+    config = load_config(CONFIGS[0].parent / "smoke.yaml",
+                         ["sft.trainer.learning_rate=1e-4", "sample.num_candidates=6", "sft.lora.enabled=true"])
+    assert config.sft.trainer["learning_rate"] == pytest.approx(1e-4)
+    assert config.sample.num_candidates == 6
+    assert config.sft.lora.enabled is True
+
+
+@pytest.mark.parametrize("override, named", [
+    ("sft.bogus=1", "sft.bogus"),
+    ("experimnt=x", "experimnt"),
+    ("sft.trainer.lerning_rate=0.1", "lerning_rate"),
+    ("dpo.trainer.betta=0.1", "betta"),
+    ("sample.num_candidates=1", "sample.num_candidates"),
+    ("sample.temperature=hot", "sample.temperature"),
+    ("rank.ranker=oracle", "rank.ranker"),
+])
+def test_bad_key_or_value_names_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS[0].parent / "smoke.yaml", [override])
+    assert named in str(err.value)
+
+
+def test_reward_model_ranker_needs_a_model():
+    with pytest.raises(ConfigError, match="rank.reward_model"):
+        load_config(CONFIGS[0].parent / "smoke.yaml", ["rank.ranker=reward_model"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(CONFIGS[0].parent / "smoke.yaml", ["no_equals_sign"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
