@@ -8,6 +8,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from alignflow.config import validate_config
 from alignflow.data import DataError
 from flows.pipeline import align
 
@@ -87,13 +88,12 @@ def test_users_own_files_run_through_the_whole_flow(prefect_server, smoke_config
     pq.write_table(pa.Table.from_pylist([{"prompt": r["prompt"][0]["content"],
                                           "completion": r["completion"][0]["content"]}
                                          for r in smoke_data["eval"][:12]]), tmp_path / "eval.parquet")
-    config = smoke_config.model_copy(update={
-        "experiment": "own-files",
-        "sft": smoke_config.sft.model_copy(update={"data": {"path": str(tmp_path / "sft.json")}}),
-        "sample": smoke_config.sample.model_copy(update={"prompts": {"path": str(tmp_path / "prompts.jsonl")}}),
-        "eval": smoke_config.eval.model_copy(update={"data": {"path": str(tmp_path / "eval.parquet")}}),
-    })
-    config = type(config).model_validate(config.model_dump())
+    tree = smoke_config.model_dump()
+    tree["experiment"] = "own-files"
+    tree["sft"]["data"] = {"path": str(tmp_path / "sft.json")}
+    tree["sample"]["prompts"] = {"path": str(tmp_path / "prompts.jsonl")}
+    tree["eval"]["data"] = {"path": str(tmp_path / "eval.parquet")}
+    config = validate_config(tree)
     results = align(config)
     assert set(results["metrics"]) == {"base", "sft", "dpo"}
     assert MlflowClient().get_run(results["parent_run_id"]).info.status == "FINISHED"
