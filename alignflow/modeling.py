@@ -40,6 +40,22 @@ def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path)
     return defaults | user
 
 
+def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], device: str, seed: int) -> None:
+    """Build TRL's config from a `trainer:` section now, so a bad value fails before any model
+    loads, with an error naming the section (TRL's message names the field)."""
+    import tempfile
+
+    import trl
+
+    from alignflow.config import ConfigError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            getattr(trl, trl_config)(**trainer_args(user, device, seed, Path(tmp)))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{section}.trainer: {err}") from None
+
+
 def model_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 

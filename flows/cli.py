@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         results = align(config)
-    except DataError as err:
+    except (DataError, ConfigError) as err:
         print(f"alignflow: bad input: {err}", file=sys.stderr)
         return 2
     print(_report(results))

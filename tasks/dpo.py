@@ -15,10 +15,10 @@ from prefect.cache_policies import NONE
 
 from alignflow.config import DPOSection
 from alignflow.data import read_jsonl
-from alignflow.modeling import load_causal_lm, load_tokenizer, lora_config, stop_token_ids, trainer_args
-from alignflow.refs import DatasetRef, ModelRef, digest_path
-from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, log_model_dir, stage_run
-from tasks import stage_logger
+from alignflow.modeling import load_causal_lm, load_tokenizer, lora_config, trainer_args
+from alignflow.refs import DatasetRef, ModelRef
+from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, stage_run
+from tasks import save_trained_model, stage_logger
 
 
 @task(name="dpo", cache_policy=NONE)
@@ -41,10 +41,4 @@ def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext) -
                              peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None)
         result = trainer.train()
         stage_logger().info("DPO done: %d steps, train loss %.4f", result.global_step, result.training_loss)
-        trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer, trainer.model)
-        model_dir = out_dir / "model"
-        trainer.save_model(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
-        uri = log_model_dir(model_dir)
-        return ModelRef(uri=uri, digest=digest_path(model_dir), run_id=run_id, local_path=str(model_dir),
-                        is_adapter=cfg.lora.enabled)
+        return save_trained_model(trainer, tokenizer, out_dir / "model", run_id, cfg.lora.enabled)

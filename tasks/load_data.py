@@ -1,4 +1,5 @@
-"""Stage 0: read, validate and convert the three datasets before any model loads.
+"""Stage 0: check the inputs before any model loads: TRL trainer values, then the three datasets,
+read, validated and converted.
 
 A bad file fails here with its file, row and field, the MLflow runs are marked FAILED, and the
 user's files are only read. The converted copies are what later stages consume and what MLflow holds.
@@ -15,6 +16,7 @@ from prefect.cache_policies import NONE
 from alignflow import embedded
 from alignflow.config import PipelineConfig
 from alignflow.data import load_rows, write_jsonl
+from alignflow.modeling import check_trainer_config
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, stage_run
 
@@ -28,6 +30,8 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
     }
     params = {f"{name}.{k}": v for name, (src, _) in sources.items() for k, v in flatten(src).items()}
     with stage_run(ctx, "load_data", params) as run_id:
+        for name, section in (("sft", config.sft), ("dpo", config.dpo)):
+            check_trainer_config(name, section.trl_config, section.trainer, ctx.device, ctx.seed)
         converted = {}
         for name, (source, require_reference) in sources.items():  # validate all before writing any
             path = embedded.resolve(config.embedded, source.path, "data")

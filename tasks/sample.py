@@ -36,6 +36,9 @@ def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunCo
         candidates = sample_candidates(cfg, policy.resolve(), rows, ctx.device, ctx.seed)
         out = write_jsonl(candidates, Path(ctx.output_dir) / "sample" / "candidates.jsonl")
         mlflow.log_artifact(str(out))
+        mlflow.log_table({"prompt": [r["prompt"][-1]["content"] for r in candidates for _ in r["candidates"]],
+                          "candidate": [c for r in candidates for c in r["candidates"]],
+                          "ended": [e for r in candidates for e in r["ended"]]}, "candidates_table.json")
         ended = [e for row in candidates for e in row["ended"]]
         lengths = [len(c.split()) for row in candidates for c in row["candidates"]]
         log_metrics(run_id, {"candidates": len(ended), "eos_rate": sum(ended) / len(ended),

@@ -52,7 +52,7 @@ def test_whole_flow_records_every_stage(prefect_server, smoke_config):
 
     assert "candidates.json" in artifacts("select_base")
     assert "model" in artifacts("sft") and "model" in artifacts("dpo")
-    assert {"candidates.jsonl"} <= artifacts("sample")
+    assert {"candidates.jsonl", "candidates_table.json"} <= artifacts("sample")
     assert {"pairs.jsonl", "pairs_table.json"} <= artifacts("rank")
     assert {"eval_samples.json", "eval_results.json"} <= artifacts("evaluate")
     sft_files = {a.path for a in client.list_artifacts(by_stage["sft"].info.run_id, "model")}
@@ -122,3 +122,16 @@ def test_cli_reports_bad_config_key_and_validates(tmp_path):
     assert run.returncode == 2 and "lr" in run.stderr and "SFTConfig" in run.stderr
     ok = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(SMOKE)], capture_output=True, text=True)
     assert ok.returncode == 0 and "valid" in ok.stdout
+
+
+def test_bad_trainer_value_fails_before_any_model_loads(prefect_server, smoke_config):
+    from alignflow.config import ConfigError
+
+    tree = smoke_config.model_dump()
+    tree["experiment"] = "bad-value"
+    tree["dpo"]["trainer"]["loss_weights"] = [1.0, 2.0]  # one weight per loss_type: TRL rejects it
+    with pytest.raises(ConfigError, match="dpo.trainer"):
+        align(validate_config(tree))
+    runs = runs_of("bad-value")
+    assert {r.data.tags.get("alignflow.stage", "parent") for r in runs} == {"parent", "load_data"}
+    assert all(r.info.status == "FAILED" for r in runs)
