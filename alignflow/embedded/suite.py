@@ -23,36 +23,30 @@ WORDS = (
 ).split()
 
 ORDINALS = ["first", "second", "third", "fourth", "fifth"]
-_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
-def word_pool(size: int = 3000, seed: int = 1234) -> list[str]:
-    """The real words plus pronounceable made-up ones (2-3 syllables), so held-out questions ask
-    about words never seen in SFT and the model must apply the skill, not recall an answer."""
-    rng = random.Random(seed)
-    pool = dict.fromkeys(WORDS)
-    while len(pool) < size:
-        pool["".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))] = None
-    return list(pool)
-
-
-POOL = word_pool()
+# A closed vocabulary: every word is seen in SFT and in pre-training, so a held-out question is a
+# new combination of known words (new pairs, lists, letters), not a word the model never met.
+# Two-word inputs keep the single-word skills' question space large enough for disjoint splits.
+def _two_words(rng: random.Random) -> list[str]:
+    return rng.sample(WORDS, 2)
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
-    word = rng.choice(POOL)
-    phrasing = rng.choice(["Reverse the word.", "Write this word backwards.", "Spell the word in reverse order."])
-    return phrasing, word, word[::-1]
+    words = _two_words(rng)
+    phrasing = rng.choice(["Reverse each word.", "Write these words backwards.", "Spell each word in reverse."])
+    return phrasing, " ".join(words), " ".join(w[::-1] for w in words)
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str, str]:
-    word = rng.choice(POOL)
-    phrasing = rng.choice(["Write the word in capital letters.", "Convert the word to uppercase.", "Shout this word."])
-    return phrasing, word, word.upper()
+    words = _two_words(rng)
+    phrasing = rng.choice(["Write the words in capital letters.", "Convert the words to uppercase.",
+                           "Shout these words."])
+    return phrasing, " ".join(words), " ".join(words).upper()
 
 
 def _sort_words(rng: random.Random) -> tuple[str, str, str]:
-    words = rng.sample(POOL, 3)
+    words = rng.sample(WORDS, 3)
     phrasing = rng.choice(["Sort these words alphabetically.", "Put the words in alphabetical order.",
                            "Arrange the words from A to Z."])
     return phrasing, " ".join(words), " ".join(sorted(words))
@@ -65,15 +59,15 @@ def _add(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _count_letter(rng: random.Random) -> tuple[str, str, str]:
-    word = rng.choice(POOL)
-    letter = rng.choice(sorted(set(word)))
+    words = _two_words(rng)
+    letter = rng.choice(sorted(set("".join(words))))
     phrasing = rng.choice([f"How many times does the letter {letter} appear?", f"Count the letter {letter}.",
-                           f"Count how often {letter} occurs in the word."])
-    return phrasing, word, str(word.count(letter))
+                           f"Count how often {letter} occurs in the words."])
+    return phrasing, " ".join(words), str("".join(words).count(letter))
 
 
 def _nth_word(rng: random.Random) -> tuple[str, str, str]:
-    words = rng.sample(POOL, rng.randint(3, 5))
+    words = rng.sample(WORDS, rng.randint(3, 5))
     n = rng.randrange(len(words))
     phrasing = rng.choice([f"What is the {ORDINALS[n]} word?", f"Give the {ORDINALS[n]} word of the list.",
                            f"Extract word number {n + 1}."])
@@ -129,7 +123,7 @@ def pretraining_text(seed: int, n_docs: int) -> list[str]:
 
 
 def _fact(rng: random.Random) -> str:
-    word, words = rng.choice(POOL), rng.sample(POOL, 4)
+    word, words = rng.choice(WORDS), rng.sample(WORDS, 4)
     kind = rng.randrange(7)
     if kind == 0:
         return f"The word {word} written backwards is {word[::-1]}."
@@ -146,4 +140,4 @@ def _fact(rng: random.Random) -> str:
     if kind == 5:
         n = rng.randrange(4)
         return f"In the list {' '.join(words)}, the {ORDINALS[n]} word is {words[n]}."
-    return " ".join(rng.sample(POOL, rng.randint(4, 9))).capitalize() + "."
+    return " ".join(rng.sample(WORDS, rng.randint(4, 9))).capitalize() + "."
