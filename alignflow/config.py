@@ -135,7 +135,7 @@ class EvalSection(Section):
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)
     samples_logged: int = Field(default=50, ge=0)  # eval answers kept per model in the MLflow table
-    demo_prompt: str = "Reverse the word.\n\nlemon"
+    demo_prompt: str = "Write the words in capital letters.\n\nlemon river"
 
 
 class PipelineConfig(Section):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunInfo
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from transformers import TrainerCallback
@@ -71,14 +71,14 @@ def prefect_tags() -> dict[str, str]:
 
 
 @contextmanager
-def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[str, str]) -> Iterator[str]:
-    """The flow run's MLflow run. An exception marks it FAILED (MLflow's context manager does so)."""
+def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[str, str]) -> Iterator[RunInfo]:
+    """The flow run's MLflow run (its RunInfo: run_id, experiment_id). An exception marks it FAILED."""
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
     tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **prefect_tags()}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         log_params(run.info.run_id, params)
-        yield run.info.run_id
+        yield run.info
 
 
 @contextmanager

@@ -28,12 +28,11 @@ from tasks.sft import sft
 @flow(name="align")
 def align(config: PipelineConfig) -> dict:
     """Load data -> select base -> SFT -> sample -> rank -> DPO -> evaluate base, SFT and DPO."""
-    device = pick_device(config.device)
-    run_name = flow_run.name or "align"
-    with parent_run(config.experiment, run_name, config.digest(), flatten(config)) as parent_id:
-        ctx = RunContext(experiment_id=_experiment_id(parent_id), parent_run_id=parent_id, seed=config.seed,
-                         output_dir=str(Path(config.output_dir) / parent_id), config_hash=config.digest(),
-                         device=device)
+    config_hash = config.digest()
+    with parent_run(config.experiment, flow_run.name or "align", config_hash, flatten(config)) as parent:
+        ctx = RunContext(experiment_id=parent.experiment_id, parent_run_id=parent.run_id, seed=config.seed,
+                         output_dir=str(Path(config.output_dir) / parent.run_id), config_hash=config_hash,
+                         device=pick_device(config.device))
         data = load_data(config, ctx)
         base = select_base(config.base, data["sft"], config.embedded, config.sft.lora, ctx)
         sft_model = sft(config.sft, base, data["sft"], ctx, config.base.trust_remote_code)
@@ -42,10 +41,4 @@ def align(config: PipelineConfig) -> dict:
         dpo_model = dpo(config.dpo, sft_model, pairs, ctx)
         results = evaluate(config.eval, {"base": base, "sft": sft_model, "dpo": dpo_model}, data["eval"], ctx,
                            config.rank)
-    return {"parent_run_id": parent_id, "experiment_id": ctx.experiment_id, **results}
-
-
-def _experiment_id(run_id: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient().get_run(run_id).info.experiment_id
+    return {"parent_run_id": parent.run_id, "experiment_id": parent.experiment_id, **results}

@@ -19,7 +19,7 @@ from pathlib import Path
 from alignflow.config import EmbeddedSpec
 
 PREFIX = "embedded:"
-BUILD_VERSION = 3  # bump when the builders change what they make
+BUILD_VERSION = 4  # bump when the builders change what they make
 SPLITS = ("sft", "prompts", "eval")
 
 

@@ -123,21 +123,22 @@ def pretraining_text(seed: int, n_docs: int) -> list[str]:
 
 
 def _fact(rng: random.Random) -> str:
-    word, words = rng.choice(WORDS), rng.sample(WORDS, 4)
+    """One sentence of prose exercising a skill on random known words (never the chat format)."""
+    pair, words = rng.sample(WORDS, 2), rng.sample(WORDS, rng.randint(3, 5))
     kind = rng.randrange(7)
     if kind == 0:
-        return f"The word {word} written backwards is {word[::-1]}."
+        return f"Backwards, {' '.join(pair)} reads {' '.join(w[::-1] for w in pair)}."
     if kind == 1:
-        return f"In capital letters {word} becomes {word.upper()}."
+        return f"In capital letters {' '.join(pair)} becomes {' '.join(pair).upper()}."
     if kind == 2:
         return f"In alphabetical order, {' '.join(words[:3])} is {' '.join(sorted(words[:3]))}."
     if kind == 3:
         a, b = rng.randint(0, 49), rng.randint(0, 49)
         return f"{a} plus {b} makes {a + b}."
     if kind == 4:
-        letter = rng.choice(word)
-        return f"The letter {letter} occurs {word.count(letter)} times in {word}."
+        letter = rng.choice("".join(pair))
+        return f"The letter {letter} occurs {''.join(pair).count(letter)} times in {' '.join(pair)}."
     if kind == 5:
-        n = rng.randrange(4)
+        n = rng.randrange(len(words))
         return f"In the list {' '.join(words)}, the {ORDINALS[n]} word is {words[n]}."
     return " ".join(rng.sample(WORDS, rng.randint(4, 9))).capitalize() + "."
