@@ -17,6 +17,20 @@ CPU_TRAINER_DEFAULTS = {
 }
 
 
+# For base tokenizers that ship no chat template (many hub base models): plain-text turns, the
+# assistant's ending in the tokenizer's own EOS so the tuned model learns to stop, with generation
+# markers for TRL's assistant masks. The prompt with the generation prompt is a prefix of the chat.
+FALLBACK_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '### ' + message['role'] + ':\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + eos_token }}{% endgeneration %}{{- '\n' }}"
+    "{%- else %}{{- message['content'] + '\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### assistant:\n' }}{%- endif %}"
+)
+
+
 def pick_device(setting: str = "auto") -> str:
     if setting == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config asks for device 'cuda' but torch sees no CUDA device")
@@ -66,6 +80,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE  # saved with the tuned model's tokenizer
     return tokenizer
 
 

@@ -7,6 +7,7 @@ stage logs into its own child run; nothing is ever logged into a finished run.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -40,6 +41,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -173,3 +173,21 @@ def test_evaluate_scores_every_model_on_the_same_prompts(smoke_config, tiny_mode
     for key in ("base.accuracy", "base.mean_reward", "base.eos_rate", "base.accuracy.reverse"):
         assert key in metrics
     assert MlflowClient().get_run(run_ctx.parent_run_id).data.metrics["base.accuracy"] == metrics["base.accuracy"]
+
+
+def test_tokenizer_without_chat_template_gets_one_that_stops(tiny_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from alignflow.modeling import load_tokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_path)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "plain")
+    (tmp_path / "plain" / "chat_template.jinja").unlink(missing_ok=True)
+    assert not AutoTokenizer.from_pretrained(tmp_path / "plain").chat_template
+    tokenizer = load_tokenizer(str(tmp_path / "plain"))
+    prompt = [{"role": "user", "content": "Reverse each word.\n\nlemon river"}]
+    asked = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "nomel revir"}], tokenize=False)
+    assert asked.endswith("### assistant:\n")
+    assert full.startswith(asked) and full.rstrip().endswith("nomel revir" + tokenizer.eos_token)
