@@ -158,7 +158,3 @@ def lora_config(section, task_type: str = "CAUSAL_LM"):
 
     return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                       target_modules=section.target_modules, task_type=task_type)
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())

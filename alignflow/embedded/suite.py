@@ -1,6 +1,6 @@
 """The embedded instruction suite: six task types whose answers a program can check.
 
-    python -c "from alignflow.embedded.suite import make_examples; print(make_examples(3, seed=0))"
+    python -c "from alignflow.embedded.suite import make_splits; print(make_splits({'demo': 6}, seed=0))"
 
 Each example is Alpaca-shaped (instruction, input, output) plus its task type. Instructions come in
 several phrasings per task so the model learns to follow requests, not one template (the seed's
@@ -106,10 +106,6 @@ def make_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
         rng.shuffle(rows)
         splits[name] = rows
     return splits
-
-
-def make_examples(n: int, seed: int) -> list[dict]:
-    return make_splits({"examples": n}, seed)["examples"]
 
 
 def pretraining_text(seed: int, n_docs: int) -> list[str]:
