@@ -3,6 +3,10 @@
 import logging
 from pathlib import Path
 
+from alignflow.modeling import stop_token_ids
+from alignflow.refs import ModelRef, digest_path
+from alignflow.tracking import log_model_dir
+
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow (shown in the Prefect UI); a plain logger when a stage
@@ -16,13 +20,9 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("alignflow")
 
 
-def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adapter: bool):
+def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adapter: bool) -> ModelRef:
     """Save a TRL trainer's model (weights or adapter, safetensors) with its tokenizer and chat
     template, make generation stop at end of turn, log it to the stage's run, return its ModelRef."""
-    from alignflow.modeling import stop_token_ids
-    from alignflow.refs import ModelRef, digest_path
-    from alignflow.tracking import log_model_dir
-
     trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer, trainer.model)
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments,
                           set_seed)
 
-
 # ChatML with generation markers: TRL can mask the loss to assistant turns, and the turn ends with
 # <|im_end|>, the tokenizer's EOS, so a fine-tuned model learns to stop.
 CHAT_TEMPLATE = (
