@@ -59,9 +59,21 @@ class EmbeddedSpec(Section):
     eval_examples: int = Field(default=200, gt=0)
     pretrain_docs: int = Field(default=4000, gt=0)
     pretrain_steps: int = Field(default=300, gt=0)
-    vocab_size: int = Field(default=1024, ge=300)
+    vocab_size: int = Field(default=1024, ge=259)  # 259 = bytes + 3 special tokens: one token per character
+    tasks: list[str] | None = None  # task types of the suite (alignflow.embedded.suite.TASKS); None = all
     # name -> (hidden_size, num_layers, num_heads)
     models: dict[str, tuple[int, int, int]] = {"tiny-s": (64, 2, 4), "tiny-m": (128, 4, 4)}
+
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
+        from alignflow.embedded.suite import TASKS
+
+        unknown = [t for t in tasks or [] if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task types {unknown}; choose from {sorted(TASKS)}")
+        return tasks
 
 
 class LoraSection(Section):
@@ -105,7 +117,13 @@ class SFTSection(TrainerSection):
 
 
 class DPOSection(TrainerSection):
+    """Preference tuning. `rounds: k` repeats sample -> rank -> DPO from the latest policy (iterative
+    DPO); `baselines` train the same way on the same pairs for comparison: `rft` (SFT on the chosen
+    answers only: rejection-sampling fine-tuning) and `dpo_no_sft` (this DPO minus any `sft` loss term)."""
+
     trl_config = "DPOConfig"
+    rounds: int = Field(default=1, ge=1)
+    baselines: list[Literal["rft", "dpo_no_sft"]] = []
 
 
 class SampleSection(Section):
@@ -121,6 +139,7 @@ class RankSection(Section):
     ranker: Literal["verifier", "reward_model"] = "verifier"
     reward_model: str | None = None  # any AutoModelForSequenceClassification: local dir or hub id
     min_margin: float = Field(default=0.0, ge=0)  # pairs whose reward gap is at most this are ties
+    pairs: Literal["best_worst", "best_random"] = "best_worst"  # which candidates make a pair
     batch_size: int = Field(default=32, gt=0)
 
     @model_validator(mode="after")
@@ -135,7 +154,10 @@ class EvalSection(Section):
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)
     samples_logged: int = Field(default=50, ge=0)  # eval answers kept per model in the MLflow table
-    demo_prompt: str = "Write the words in capital letters.\n\nlemon river"
+    pass_k: int = Field(default=8, ge=0)  # also sample k answers per prompt for pass@k; 0 = skip
+    pass_temperature: float = Field(default=1.0, gt=0)
+    bootstrap: int = Field(default=1000, ge=0)  # resamples for the 95% intervals; 0 = none
+    report_prompts: int = Field(default=5, ge=0)  # eval prompts answered side by side in the report
 
 
 class PipelineConfig(Section):

@@ -72,16 +72,26 @@ class RewardModel:
         return scores
 
 
-def build_pairs(rows: list[dict], rewards: list[list[float]], min_margin: float = 0.0) -> tuple[list[dict], int]:
-    """Best vs worst candidate per prompt, in TRL's conversational preference format.
+def build_pairs(rows: list[dict], rewards: list[list[float]], min_margin: float = 0.0,
+                strategy: str = "best_worst", seed: int = 0) -> tuple[list[dict], int]:
+    """One preference pair per prompt, in TRL's conversational preference format.
 
-    A prompt whose best and worst rewards differ by no more than `min_margin` is a tie and is
+    `best_worst`: the highest- against the lowest-scored candidate (the widest margin).
+    `best_random`: the highest against a random lower-scored one (more varied rejections, as in
+    Online-RLHF's ablations). A prompt whose pair differs by no more than `min_margin` is a tie and is
     dropped (DPO learns nothing from two equally good answers). Returns (pairs, ties).
     """
+    import random
+
+    rng = random.Random(seed)
     pairs, ties = [], 0
     for row, scores in zip(rows, rewards):
         best = max(range(len(scores)), key=scores.__getitem__)
-        worst = min(range(len(scores)), key=scores.__getitem__)
+        if strategy == "best_random":
+            lower = [i for i in range(len(scores)) if scores[best] - scores[i] > min_margin]
+            worst = rng.choice(lower) if lower else best
+        else:
+            worst = min(range(len(scores)), key=scores.__getitem__)
         margin = scores[best] - scores[worst]
         if margin <= min_margin:
             ties += 1

@@ -1,29 +1,39 @@
 """The `alignflow` command.
 
-    alignflow run CONFIG [dotted.key=value ...]     run the whole flow, print the stage table
-    alignflow validate CONFIG [dotted.key=value ...] check a config without running anything
+    alignflow run CONFIG [dotted.key=value ...]       run the whole flow, print the stage table
+    alignflow validate CONFIG [dotted.key=value ...]  check a config without running anything
+    alignflow compare [--experiment NAME] [RUN_ID ...] differing config values and key metrics of runs
+    alignflow report RUN_ID [--out DIR]               rebuild a run's report from MLflow
+
+The tracking store is $MLFLOW_TRACKING_URI, else ./mlflow.db; `--tracking-uri` overrides both.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _table(results: dict) -> str:
-    lines = [f"{'stage':<8} {'accuracy':>9} {'mean reward':>12} {'eos rate':>9}"]
+    lines = [f"{'model':<11} {'accuracy':>9} {'95% CI':>15} {'pass@k':>7} {'mean reward':>12} {'eos rate':>9}"]
     for stage, m in results["metrics"].items():
-        lines.append(f"{stage:<8} {m['accuracy']:>9.3f} {m['mean_reward']:>12.3f} {m['eos_rate']:>9.3f}")
+        passes = [v for k, v in m.items() if k.startswith("pass_at_") and "." not in k]
+        ci = f"[{m['accuracy_ci95_low']:.3f}, {m['accuracy_ci95_high']:.3f}]"
+        lines.append(f"{stage:<11} {m['accuracy']:>9.3f} {ci:>15} {passes[0] if passes else float('nan'):>7.3f} "
+                     f"{m['mean_reward']:>12.3f} {m['eos_rate']:>9.3f}")
     return "\n".join(lines)
 
 
-def _report(results: dict) -> str:
+def _summary(results: dict) -> str:
     from alignflow.tracking import tracking_uri
 
     uri = tracking_uri()
-    answers = "\n".join(f"  {stage:<5} -> {answer!r}" for stage, answer in results["demo_answers"].items())
+    example = results["examples"][0] if results.get("examples") else None
+    answers = "" if example is None else f"\nprompt: {example['prompt']!r} (reference {example['reference']!r})\n" + \
+        "\n".join(f"  {stage:<11} -> {answer!r}" for stage, answer in example["answers"].items())
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
-    return (f"\n{_table(results)}\n\nprompt: {results['demo_prompt']!r}\n{answers}\n\n"
+    return (f"\n{_table(results)}\n{answers}\n\nreport: {results.get('report')}\n"
             f"MLflow parent run: {results['parent_run_id']}\n"
             f"Open it: {ui}   then http://127.0.0.1:5000/#/experiments/{results['experiment_id']}"
             f"/runs/{results['parent_run_id']}\n")
@@ -32,12 +42,25 @@ def _report(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "validate"):
         p = sub.add_parser(name)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. sft.trainer.learning_rate=1e-4")
+    p = sub.add_parser("compare", help="config differences and key metrics of flow runs")
+    p.add_argument("run_ids", nargs="*", help="parent run ids (default: the experiment's latest runs)")
+    p.add_argument("--experiment", default=None, help="experiment name (default alignflow-default)")
+    p.add_argument("--last", type=int, default=10, help="how many of the experiment's latest runs")
+    p = sub.add_parser("report", help="rebuild a flow run's report from its MLflow records")
+    p.add_argument("run_id")
+    p.add_argument("--out", default=None, help="directory (default outputs/<run_id>/report)")
     args = parser.parse_args(argv)
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+
+    if args.command in ("compare", "report"):
+        return _records_command(args)
 
     from alignflow.config import ConfigError, load_config
 
@@ -58,7 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as err:
         print(f"alignflow: bad input: {err}", file=sys.stderr)
         return 2
-    print(_report(results))
+    print(_summary(results))
+    return 0
+
+
+def _records_command(args) -> int:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from alignflow.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    try:
+        if args.command == "compare":
+            from alignflow.compare import compare_table, find_runs, format_table
+
+            print(format_table(compare_table(find_runs(client, args.run_ids, args.experiment, args.last))))
+        else:
+            from alignflow.report import build_report
+
+            print(build_report(args.run_id, args.out or os.path.join("outputs", args.run_id, "report"), client))
+    except (LookupError, MlflowException) as err:
+        print(f"alignflow {args.command}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Stage 4: score every candidate, keep best-vs-worst pairs with their margin, drop ties."""
+"""Stage 4: score every candidate, keep one pair per prompt (best vs worst or random lower), drop ties."""
 
 from __future__ import annotations
 
@@ -27,24 +27,29 @@ def score_rows(ranker: Ranker, rows: list[dict]) -> list[list[float]]:
 
 
 @task(name="rank", cache_policy=NONE)
-def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext) -> DatasetRef:
-    with stage_run(ctx, "rank", flatten(cfg, "rank")) as run_id:
+def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = "rank") -> DatasetRef:
+    with stage_run(ctx, name, flatten(cfg, "rank")) as run_id:
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
         rewards = score_rows(make_ranker(cfg, ctx.device), rows)
-        pairs, ties = build_pairs(rows, rewards, cfg.min_margin)
+        pairs, ties = build_pairs(rows, rewards, cfg.min_margin, cfg.pairs, ctx.seed)
         if not pairs:
             raise ValueError(f"ranking left no preference pairs: all {len(rows)} prompts were ties "
                              f"(rank.min_margin={cfg.min_margin}); sample more or more varied candidates")
-        out = write_jsonl(pairs, Path(ctx.output_dir) / "rank" / "pairs.jsonl")
+        out = write_jsonl(pairs, Path(ctx.output_dir) / name / "pairs.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [p["prompt"][-1]["content"] for p in pairs],
                           "chosen": [p["chosen"][0]["content"] for p in pairs],
                           "rejected": [p["rejected"][0]["content"] for p in pairs],
-                          "margin": [p["margin"] for p in pairs]}, "pairs_table.json")
+                          "margin": [p["margin"] for p in pairs], "task": [p["task"] for p in pairs]},
+                         "pairs_table.json")
         all_rewards = [x for r in rewards for x in r]
+        words = lambda side: sum(len(p[side][0]["content"].split()) for p in pairs) / len(pairs)  # noqa: E731
         log_metrics(run_id, {"pairs": len(pairs), "ties": ties, "tie_rate": ties / len(rows),
                              "mean_margin": sum(p["margin"] for p in pairs) / len(pairs),
+                             "chosen_mean_words": words("chosen"), "rejected_mean_words": words("rejected"),
+                             "chosen_mean_reward": sum(p["chosen_reward"] for p in pairs) / len(pairs),
+                             "rejected_mean_reward": sum(p["rejected_reward"] for p in pairs) / len(pairs),
                              "mean_candidate_reward": sum(all_rewards) / len(all_rewards)})
         stage_logger().info("%d pairs from %d prompts (%d ties)", len(pairs), len(rows), ties)
         return DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,

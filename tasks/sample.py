@@ -28,13 +28,14 @@ def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], de
 
 
 @task(name="sample", cache_policy=NONE)
-def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunContext) -> DatasetRef:
-    with stage_run(ctx, "sample", flatten({**cfg.model_dump(exclude={"prompts"}), "policy": policy.uri}, "sample")
+def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunContext, name: str = "sample",
+           seed_offset: int = 0) -> DatasetRef:
+    with stage_run(ctx, name, flatten({**cfg.model_dump(exclude={"prompts"}), "policy": policy.uri}, "sample")
                    ) as run_id:
         rows = read_jsonl(prompts.resolve())
         log_dataset(rows, source=prompts.uri, name="prompts", context="sampling")
-        candidates = sample_candidates(cfg, policy.resolve(), rows, ctx.device, ctx.seed)
-        out = write_jsonl(candidates, Path(ctx.output_dir) / "sample" / "candidates.jsonl")
+        candidates = sample_candidates(cfg, policy.resolve(), rows, ctx.device, ctx.seed + seed_offset)
+        out = write_jsonl(candidates, Path(ctx.output_dir) / name / "candidates.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [r["prompt"][-1]["content"] for r in candidates for _ in r["candidates"]],
                           "candidate": [c for r in candidates for c in r["candidates"]],

@@ -170,8 +170,11 @@ def test_evaluate_scores_every_model_on_the_same_prompts(smoke_config, tiny_mode
     results = evaluate.fn(smoke_config.eval, models, data, run_ctx)
     assert results["metrics"]["base"] == results["metrics"]["again"]  # greedy: same model, same answers
     metrics = child_run(run_ctx, "evaluate").data.metrics
-    for key in ("base.accuracy", "base.mean_reward", "base.eos_rate", "base.accuracy.reverse"):
+    first_task = smoke_data["eval"][0]["task"]
+    for key in ("base.accuracy", "base.mean_reward", "base.eos_rate", f"base.accuracy.{first_task}",
+                "base.pass_at_8", f"base.pass_at_8.{first_task}", "base.accuracy_ci95_low", "base.accuracy_ci95_high"):
         assert key in metrics
+    assert metrics["base.accuracy_ci95_low"] <= metrics["base.accuracy"] <= metrics["base.accuracy_ci95_high"]
     assert MlflowClient().get_run(run_ctx.parent_run_id).data.metrics["base.accuracy"] == metrics["base.accuracy"]
 
 

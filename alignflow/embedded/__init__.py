@@ -19,7 +19,7 @@ from pathlib import Path
 from alignflow.config import EmbeddedSpec
 
 PREFIX = "embedded:"
-BUILD_VERSION = 4  # bump when the builders change what they make
+BUILD_VERSION = 5  # bump when the builders change what they make
 SPLITS = ("sft", "prompts", "eval")
 
 
@@ -55,10 +55,10 @@ def data_dir(spec: EmbeddedSpec) -> Path:
     sizes = {"sft": spec.sft_examples, "prompts": spec.prompt_examples, "eval": spec.eval_examples}
 
     def build(tmp: Path) -> None:
-        for split, rows in make_splits(sizes, spec.seed).items():
+        for split, rows in make_splits(sizes, spec.seed, spec.tasks).items():
             write_jsonl(rows, tmp / f"{split}.jsonl")
 
-    return _build_atomically(home() / "data" / _key(sizes, spec.seed), build)
+    return _build_atomically(home() / "data" / _key(sizes, spec.seed, spec.tasks), build)
 
 
 def data_path(spec: EmbeddedSpec, name: str) -> str:

@@ -74,6 +74,59 @@ def _nth_word(rng: random.Random) -> tuple[str, str, str]:
     return phrasing, " ".join(words), words[n]
 
 
+def _first_letters(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    phrasing = rng.choice(["Write the first letter of each word.", "Give the initials of the words.",
+                           "Make an acronym from the first letters."])
+    return phrasing, " ".join(words), "".join(w[0] for w in words)
+
+
+def _last_word(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    phrasing = rng.choice(["What is the last word?", "Give the final word of the list.", "Which word comes last?"])
+    return phrasing, " ".join(words), words[-1]
+
+
+def _word_order(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(WORDS, 3)
+    phrasing = rng.choice(["Reverse the order of the words.", "List the words from last to first.",
+                           "Write the words in the opposite order."])
+    return phrasing, " ".join(words), " ".join(reversed(words))
+
+
+def _count_words(rng: random.Random) -> tuple[str, str, str]:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
+    phrasing = rng.choice(["How many words are there?", "Count the words.", "How many words does the list have?"])
+    return phrasing, " ".join(words), str(len(words))
+
+
+def _count_vowels(rng: random.Random) -> tuple[str, str, str]:
+    words = _two_words(rng)
+    phrasing = rng.choice(["How many vowels are there?", "Count the vowels.", "How many of the letters are vowels?"])
+    return phrasing, " ".join(words), str(sum(c in "aeiou" for c in "".join(words)))
+
+
+def _parity(rng: random.Random) -> tuple[str, str, str]:
+    n = rng.randint(0, 999)
+    phrasing = rng.choice(["Is the number even or odd?", "Even or odd?", "Say whether the number is even or odd."])
+    return phrasing, str(n), "even" if n % 2 == 0 else "odd"
+
+
+def _larger(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.sample(range(100), 2)
+    phrasing = rng.choice(["Which number is larger, the first or the second?", "Is the first or the second bigger?",
+                           "Which is greater: first or second?"])
+    return phrasing, f"{a} {b}", "first" if a > b else "second"
+
+
+def _has_letter(rng: random.Random) -> tuple[str, str, str]:
+    words = _two_words(rng)
+    letter = rng.choice("abcdefghijklmnoprstuvwy")
+    phrasing = rng.choice([f"Do the words contain the letter {letter}?", f"Is there an {letter} in the words?",
+                           f"Does the letter {letter} occur?"])
+    return phrasing, " ".join(words), "yes" if letter in "".join(words) else "no"
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "reverse": _reverse,
     "uppercase": _uppercase,
@@ -81,11 +134,20 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "add": _add,
     "count_letter": _count_letter,
     "nth_word": _nth_word,
+    "first_letters": _first_letters,
+    "last_word": _last_word,
+    "word_order": _word_order,
+    "count_words": _count_words,
+    "count_vowels": _count_vowels,
+    "parity": _parity,
+    "larger": _larger,
+    "has_letter": _has_letter,
 }
 
 
-def make_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+def make_splits(sizes: dict[str, int], seed: int, tasks: list[str] | None = None) -> dict[str, list[dict]]:
     """Disjoint splits: no question (task, input, answer) appears twice, in any phrasing."""
+    names = list(tasks or TASKS)
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
     splits: dict[str, list[dict]] = {}
@@ -93,7 +155,7 @@ def make_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
     for name, size in sizes.items():
         rows: list[dict] = []
         while len(rows) < size:
-            task = list(TASKS)[len(rows) % len(TASKS)]  # round-robin keeps task types balanced
+            task = names[len(rows) % len(names)]  # round-robin keeps task types balanced
             instruction, input_text, output = TASKS[task](rng)
             key = (task, input_text, output)  # the question itself, whatever its phrasing
             if key in seen:
@@ -121,7 +183,7 @@ def pretraining_text(seed: int, n_docs: int) -> list[str]:
 def _fact(rng: random.Random) -> str:
     """One sentence of prose exercising a skill on random known words (never the chat format)."""
     pair, words = rng.sample(WORDS, 2), rng.sample(WORDS, rng.randint(3, 5))
-    kind = rng.randrange(7)
+    kind = rng.randrange(15)
     if kind == 0:
         return f"Backwards, {' '.join(pair)} reads {' '.join(w[::-1] for w in pair)}."
     if kind == 1:
@@ -137,4 +199,23 @@ def _fact(rng: random.Random) -> str:
     if kind == 5:
         n = rng.randrange(len(words))
         return f"In the list {' '.join(words)}, the {ORDINALS[n]} word is {words[n]}."
+    if kind == 6:
+        return f"The initials of {' '.join(words)} are {''.join(w[0] for w in words)}."
+    if kind == 7:
+        return f"The list {' '.join(words)} ends with {words[-1]}."
+    if kind == 8:
+        return f"From last to first, {' '.join(words[:3])} is {' '.join(reversed(words[:3]))}."
+    if kind == 9:
+        return f"The list {' '.join(words)} has {len(words)} words."
+    if kind == 10:
+        return f"There are {sum(c in 'aeiou' for c in ''.join(pair))} vowels in {' '.join(pair)}."
+    if kind == 11:
+        n = rng.randint(0, 999)
+        return f"The number {n} is {'even' if n % 2 == 0 else 'odd'}."
+    if kind == 12:
+        a, b = rng.sample(range(100), 2)
+        return f"Of {a} and {b}, the larger is {max(a, b)}."
+    if kind == 13:
+        letter = rng.choice("abcdefghijklmnoprstuvwy")
+        return f"The letter {letter} {'is' if letter in ''.join(pair) else 'is not'} in {' '.join(pair)}."
     return " ".join(rng.sample(WORDS, rng.randint(4, 9))).capitalize() + "."

@@ -1,0 +1,197 @@
+"""The run report: one markdown file with PNG plots, built from what MLflow holds for a parent run.
+
+    alignflow report RUN_ID [--out DIR]      # rebuild the report of any finished run
+
+Everything in it is read back through MlflowClient (metrics, metric histories, logged tables), so
+its numbers are the MLflow numbers by construction and any run, old or remote, can be reported.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+TRAINING_STAGES = ("sft", "dpo", "rft", "dpo_no_sft")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ⏎ ") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _load_table(run_id: str, name: str) -> list[dict]:
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+class RunRecords:
+    """A parent run's MLflow records: its metrics and its stage runs by name."""
+
+    def __init__(self, parent_run_id: str, client: MlflowClient | None = None):
+        self.client = client or MlflowClient()
+        self.parent = self.client.get_run(parent_run_id)
+        children = self.client.search_runs([self.parent.info.experiment_id],
+                                           f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
+        self.stages = {r.info.run_name: r for r in sorted(children, key=lambda r: r.info.start_time)}
+        self.metrics = self.parent.data.metrics
+
+    def history(self, stage: str, key: str) -> tuple[list[int], list[float]]:
+        points = sorted(self.client.get_metric_history(self.stages[stage].info.run_id, key), key=lambda m: m.step)
+        return [m.step for m in points], [m.value for m in points]
+
+    def models(self) -> list[str]:
+        """Evaluated models in stage order: base, sft, dpo rounds, dpo, baselines."""
+        names = sorted({k.split(".")[0] for k in self.metrics if k.endswith(".accuracy") and k.count(".") == 1})
+        order = lambda n: (["base", "sft"].index(n) if n in ("base", "sft") else  # noqa: E731
+                           2 if n.startswith("dpo_r") else 3 if n == "dpo" else 4, n)
+        return sorted(names, key=order)
+
+    def tasks(self) -> list[str]:
+        return sorted({k.split(".", 2)[2] for k in self.metrics if k.startswith("sft.accuracy.")})
+
+    def pass_k(self) -> str | None:
+        keys = [k.split(".")[1] for k in self.metrics if k.startswith("sft.pass_at_") and k.count(".") == 1]
+        return keys[0] if keys else None
+
+
+def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient | None = None) -> Path:
+    """Write report.md and its PNGs into out_dir; returns the markdown file's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = RunRecords(parent_run_id, client)
+    m, models, tasks, pk = rec.metrics, rec.models(), rec.tasks(), rec.pass_k()
+    get = lambda key: m.get(key)  # noqa: E731
+    sections = [f"# alignflow run report: {rec.parent.info.run_name}",
+                f"MLflow parent run `{parent_run_id}` (experiment `{rec.parent.info.experiment_id}`), config hash "
+                f"`{rec.parent.data.tags.get('alignflow.config_hash', '?')}`, git "
+                f"`{rec.parent.data.tags.get('alignflow.git_commit', '?')[:12]}`. Held-out eval, greedy decoding; "
+                "intervals are 95% bootstrap over eval prompts."]
+
+    header = ["model", "accuracy", "95% CI"] + ([pk.replace("_at_", "@")] if pk else []) + [
+        "mean reward", "EOS rate", "mean words", "win rate vs SFT", "Δ acc vs SFT [95% CI]"]
+    rows = []
+    for name in models:
+        delta = get(f"{name}.delta_vs_sft")
+        rows.append([f"**{name}**", _fmt(get(f"{name}.accuracy")),
+                     f"[{_fmt(get(f'{name}.accuracy_ci95_low'))}, {_fmt(get(f'{name}.accuracy_ci95_high'))}]"]
+                    + ([_fmt(get(f"{name}.{pk}"))] if pk else [])
+                    + [_fmt(get(f"{name}.mean_reward")), _fmt(get(f"{name}.eos_rate")), _fmt(get(f"{name}.mean_words"), 2),
+                       _fmt(get(f"{name}.win_rate_vs_sft")),
+                       "–" if delta is None else f"{delta:+.3f} [{_fmt(get(f'{name}.delta_vs_sft_ci95_low'))}, "
+                                                 f"{_fmt(get(f'{name}.delta_vs_sft_ci95_high'))}]"])
+    sections += ["## Stages", _md_table(header, rows)]
+
+    task_header = ["task"] + [f"{n} greedy" + (f" / {pk.replace('_at_', '@')}" if pk else "") for n in models]
+    task_rows = [[t] + [_fmt(get(f"{n}.accuracy.{t}")) + (f" / {_fmt(get(f'{n}.{pk}.{t}'))}" if pk else "")
+                        for n in models] for t in tasks]
+    sections += ["## Accuracy per task type", _md_table(task_header, task_rows),
+                 "![accuracy per task type](accuracy_by_task.png)"]
+    _plot_tasks(rec, models, tasks, out / "accuracy_by_task.png")
+
+    if "select_base" in rec.stages:
+        table = _load_table(rec.stages["select_base"].info.run_id, "candidates.json")
+        sections += ["## Base-model selection", _md_table(
+            ["candidate", "parameters", "train memory (GB)", "within budget", "plain-text loss", "chosen"],
+            [[e["candidate"], f"{e['params']:,}", e["train_memory_gb"], e["within_budget"], _fmt(e["text_loss"], 4),
+              "✔" if e.get("chosen") else ""] for e in table])]
+
+    rank_stages = [s for s in rec.stages if s == "rank" or s.startswith("rank.")]
+    if rank_stages:
+        pair_rows, margins = [], {}
+        for stage in rank_stages:
+            sm = rec.stages[stage].data.metrics
+            pair_rows.append([stage, int(sm.get("pairs", 0)), int(sm.get("ties", 0)), _fmt(sm.get("tie_rate")),
+                              _fmt(sm.get("mean_margin")), _fmt(sm.get("chosen_mean_reward")),
+                              _fmt(sm.get("rejected_mean_reward")), _fmt(sm.get("chosen_mean_words"), 2),
+                              _fmt(sm.get("rejected_mean_words"), 2)])
+            margins[stage] = [p["margin"] for p in _load_table(rec.stages[stage].info.run_id, "pairs_table.json")]
+        _plot_margins(margins, out / "pair_margins.png")
+        sections += ["## Preference pairs", _md_table(
+            ["ranking", "pairs", "ties", "tie rate", "mean margin", "chosen reward", "rejected reward",
+             "chosen words", "rejected words"], pair_rows), "![pair margins](pair_margins.png)"]
+
+    curves = []
+    if "sft" in rec.stages and _plot_curves(rec, ["sft"], [("loss", "train loss")], out / "sft_loss.png"):
+        curves.append("![SFT loss](sft_loss.png)")
+    trained = [s for s in rec.stages if s.split(".")[0] in TRAINING_STAGES[1:]]
+    if trained and _plot_curves(rec, trained, [("rewards/margins", "reward margin"),
+                                               ("rewards/accuracies", "reward accuracy"), ("loss", "train loss")],
+                                out / "dpo_curves.png"):
+        curves.append("![preference training](dpo_curves.png)")
+    if curves:
+        sections += ["## Training curves", *curves]
+
+    results = _eval_results(rec)
+    if results and results.get("examples"):
+        shown = [n for n in models if n in results["examples"][0]["answers"]]
+        sections += ["## Same prompts, every model", _md_table(
+            ["task", "prompt", "reference", *shown],
+            [[e["task"], e["prompt"], e["reference"], *(repr(e["answers"][n]) for n in shown)]
+             for e in results["examples"]])]
+    path = out / "report.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def _eval_results(rec: RunRecords) -> dict | None:
+    if "evaluate" not in rec.stages:
+        return None
+    return mlflow.artifacts.load_dict(f"runs:/{rec.stages['evaluate'].info.run_id}/eval_results.json")
+
+
+def _plot_tasks(rec: RunRecords, models: list[str], tasks: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) + 2), 3.5))
+    width = 0.8 / max(1, len(models))
+    for i, name in enumerate(models):
+        ax.bar([t + i * width for t in range(len(tasks))], [rec.metrics.get(f"{name}.accuracy.{t}", 0) for t in tasks],
+               width, label=name)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20)
+    ax.set_ylabel("greedy accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=min(4, len(models)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_margins(margins: dict[str, list[float]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(list(margins.values()), bins=20, label=list(margins), range=(0, 1))
+    ax.set_xlabel("reward margin (chosen − rejected)")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_curves(rec: RunRecords, stages: list[str], keys: list[tuple[str, str]], path: Path) -> bool:
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    drawn = False
+    for ax, (key, label) in zip(axes[0], keys):
+        for stage in stages:
+            steps, values = rec.history(stage, key)
+            if steps:
+                ax.plot(steps, values, label=stage)
+                drawn = True
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return drawn

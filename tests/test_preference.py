@@ -1,0 +1,79 @@
+"""The preference levers and the evaluation statistics, without training anything."""
+
+import numpy as np
+import pytest
+
+from alignflow.config import ConfigError, load_config
+from alignflow.rankers import build_pairs
+from flows.pipeline import stage_name
+from tasks.dpo import variant_args
+from tasks.evaluate import bootstrap_ci, pass_at_k, report_prompts, versus
+from tests.conftest import SMOKE
+
+
+def _row(candidates):
+    return {"prompt": [{"role": "user", "content": "q"}], "candidates": candidates, "task": "t", "reference": "a"}
+
+
+def test_best_random_pairs_the_best_with_some_lower_candidate():
+    rows = [_row(["a", "b", "c", "d"])] * 200
+    scores = [[1.0, 0.4, 0.2, 0.0]] * 200
+    worst = build_pairs(rows, scores, strategy="best_worst")[0]
+    rand, ties = build_pairs(rows, scores, strategy="best_random", seed=1)
+    assert {p["rejected"][0]["content"] for p in worst} == {"d"}
+    assert {p["rejected"][0]["content"] for p in rand} == {"b", "c", "d"} and ties == 0
+    assert all(p["chosen"][0]["content"] == "a" for p in rand)
+    # with a margin threshold only candidates clearly below the best may be rejected
+    narrow, _ = build_pairs(rows, scores, min_margin=0.7, strategy="best_random", seed=1)
+    assert {p["rejected"][0]["content"] for p in narrow} == {"c", "d"}
+
+
+def test_baseline_variants_derive_their_trainer_arguments():
+    args = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1, "learning_rate": 1e-4,
+            "num_train_epochs": 2, "precompute_ref_log_probs": True}
+    plain = variant_args(args, "dpo_no_sft")
+    assert plain["loss_type"] == ["sigmoid"] and plain["loss_weights"] == [1.0] and plain["beta"] == 0.1
+    rft = variant_args(args, "rft")
+    assert rft == {"learning_rate": 1e-4, "num_train_epochs": 2}  # SFTConfig fields only, no DPO loss
+    assert variant_args(args, "dpo") == args
+
+
+def test_rounds_and_baselines_are_config_options():
+    config = load_config(SMOKE, ["dpo.rounds=3", "dpo.baselines=[rft, dpo_no_sft]", "rank.pairs=best_random"])
+    assert config.dpo.rounds == 3 and config.dpo.baselines == ["rft", "dpo_no_sft"]
+    with pytest.raises(ConfigError, match="dpo.baselines"):
+        load_config(SMOKE, ["dpo.baselines=[ppo]"])
+    with pytest.raises(ConfigError, match="embedded.tasks"):
+        load_config(SMOKE, ["embedded.tasks=[juggling]"])
+    assert [stage_name("dpo", "dpo", r, 3) for r in (1, 2)] == ["dpo.round1", "dpo.round2"]
+    assert stage_name("sample", "rft", 2, 3) == "sample.rft.round2" and stage_name("dpo", "dpo", 1, 1) == "dpo"
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
+    rng = np.random.default_rng(0)
+    small, large = (rng.random(n) < 0.6 for n in (50, 2000))
+    lo_s, hi_s = bootstrap_ci(small.astype(float), 1000, seed=0)
+    lo_l, hi_l = bootstrap_ci(large.astype(float), 1000, seed=0)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3
+
+
+def test_win_rate_and_paired_difference_against_sft():
+    sft = np.array([1, 0, 0, 1, 0], dtype=float)
+    dpo = np.array([1, 1, 0, 1, 1], dtype=float)
+    result = versus(dpo, sft, [1.0, 1.0, 0.2, 1.0, 1.0], [1.0, 0.3, 0.4, 1.0, 0.1], 500, seed=0)
+    assert (result["wins_vs_sft"], result["losses_vs_sft"], result["ties_vs_sft"]) == (2, 1, 2)
+    assert result["win_rate_vs_sft"] == pytest.approx((2 + 1) / 5)
+    assert result["delta_vs_sft"] == pytest.approx(0.4)
+    assert 0 <= result["delta_vs_sft_ci95_low"] <= 0.4 <= result["delta_vs_sft_ci95_high"]
+
+
+def test_pass_at_k_counts_a_prompt_once_if_any_sample_is_right():
+    rows = [{"task": "a", "completion": [{"content": "x"}]}, {"task": "b", "completion": [{"content": "y"}]}]
+    samples = [[{"text": "no"}, {"text": "x"}], [{"text": "no"}, {"text": "nope"}]]
+    assert pass_at_k(rows, samples, 2) == {"pass_at_2": 0.5, "pass_at_2.a": 1.0, "pass_at_2.b": 0.0}
+
+
+def test_report_prompts_cover_task_types_first():
+    rows = [{"task": t} for t in ["a", "a", "b", "a", "c"]]
+    assert report_prompts(rows, 3) == [0, 2, 4] and report_prompts(rows, 4) == [0, 2, 4, 1]
