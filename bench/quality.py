@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--experiment", default="alignflow-quality")
+    parser.add_argument("--from-runs", nargs="+", default=None, metavar="RUN_ID",
+                        help="write the results from finished parent runs instead of running the flow")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every seed (a lever to try)")
     args = parser.parse_args()
 
@@ -72,26 +74,33 @@ def main() -> int:
     from alignflow.tracking import tracking_uri
     from flows.pipeline import align
 
-    started, rows, per_task = time.time(), [], []
-    for seed in args.seeds:
-        config = load_config(args.config, [f"experiment={args.experiment}", *args.overrides, f"seed={seed}"])
-        t0 = time.time()
-        results = align(config)
-        run = MlflowClient().get_run(results["parent_run_id"])
-        rows.append({"seed": seed, "run_id": run.info.run_id, "wall_s": time.time() - t0, **run.data.metrics})
-        per_task.append(run.data.metrics)
-    wall = time.time() - started
+    started, rows = time.time(), []
+    if args.from_runs:
+        for run_id in args.from_runs:
+            run = MlflowClient().get_run(run_id)
+            rows.append({"seed": int(run.data.params["seed"]), "run_id": run_id,
+                         "wall_s": (run.info.end_time - run.info.start_time) / 1000, **run.data.metrics})
+        args.seeds = [r["seed"] for r in rows]
+        wall = sum(r["wall_s"] for r in rows)
+    else:
+        for seed in args.seeds:
+            config = load_config(args.config, [f"experiment={args.experiment}", *args.overrides, f"seed={seed}"])
+            t0 = time.time()
+            results = align(config)
+            run = MlflowClient().get_run(results["parent_run_id"])
+            rows.append({"seed": seed, "run_id": run.info.run_id, "wall_s": time.time() - t0, **run.data.metrics})
+        wall = time.time() - started
     models = [m for m in ("base", "sft", "dpo_r1", "dpo_r2", "dpo_r3", "dpo", "rft", "dpo_no_sft")
               if f"{m}.accuracy" in rows[0]]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     command = "python bench/quality.py " + " ".join(
         [f"--seeds {' '.join(map(str, args.seeds))}"] + [shlex.quote(o) for o in args.overrides])
+    walls = ", ".join(f"{r['wall_s']:.0f} s" for r in rows)
     out = [f"# Quality benchmark: {Path(args.config).name}, seeds {args.seeds}", "",
            f"- command: `{command}` (git {commit}, tracking `{tracking_uri()}`, experiment `{args.experiment}`)",
            f"- machine: {machine()}",
-           f"- wall time: {wall / 60:.1f} min for {len(rows)} flow runs "
-           f"({', '.join(f'{r['wall_s']:.0f} s' for r in rows)})",
+           f"- wall time: {wall / 60:.1f} min for {len(rows)} flow runs ({walls})",
            f"- held-out eval: {int(sum(1 for k in rows[0] if k.startswith('sft.accuracy.')))} task types, greedy decoding; "
            "[a, b] = 95% bootstrap interval over eval prompts; pass@8 = any of 8 samples at temperature 1 correct",
            "", "## Goal", "", *goal_lines(rows), "", "## Greedy accuracy per seed", "",
