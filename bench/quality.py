@@ -103,6 +103,7 @@ def main() -> int:
            f"- wall time: {wall / 60:.1f} min for {len(rows)} flow runs ({walls})",
            f"- held-out eval: {int(sum(1 for k in rows[0] if k.startswith('sft.accuracy.')))} task types, greedy decoding; "
            "[a, b] = 95% bootstrap interval over eval prompts; pass@8 = any of 8 samples at temperature 1 correct",
+           "- what each lever did, and how the suite was chosen: [levers.md](levers.md)",
            "", "## Goal", "", *goal_lines(rows), "", "## Greedy accuracy per seed", "",
            "| seed | " + " | ".join(models) + " | SFT pass@8 | DPO win rate vs SFT | DPO − SFT [95% CI] | MLflow run |",
            "|" + "---|" * (len(models) + 5)]

@@ -125,6 +125,15 @@ def test_report_is_a_prefect_artifact_with_plots_served_by_mlflow(two_runs, serv
     assert urllib.request.urlopen(link, timeout=10).read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_command_rebuilds_the_same_report(two_runs, server, tmp_path):
+    run_id = two_runs[1]["parent_run_id"]
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "report", run_id, "--out", str(tmp_path / "again")],
+                         capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": server})
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "again" / "report.md").read_text() == open(two_runs[1]["report"]).read()
+    assert (tmp_path / "again" / "dpo_curves.png").stat().st_size > 1000
+
+
 def test_compare_against_the_tracking_server(two_runs, server):
     first, second = (r["parent_run_id"] for r in two_runs)
     cli = subprocess.run([sys.executable, "-m", "flows.cli", "--tracking-uri", server, "compare", first, second],

@@ -50,7 +50,7 @@ def _build_atomically(target: Path, build) -> Path:
 
 def data_dir(spec: EmbeddedSpec) -> Path:
     from alignflow.data import write_jsonl
-    from alignflow.embedded.suite import make_splits
+    from alignflow.embedded.suite import SUITE_VERSION, make_splits
 
     sizes = {"sft": spec.sft_examples, "prompts": spec.prompt_examples, "eval": spec.eval_examples}
 
@@ -58,7 +58,7 @@ def data_dir(spec: EmbeddedSpec) -> Path:
         for split, rows in make_splits(sizes, spec.seed, spec.tasks).items():
             write_jsonl(rows, tmp / f"{split}.jsonl")
 
-    return _build_atomically(home() / "data" / _key(sizes, spec.seed, spec.tasks), build)
+    return _build_atomically(home() / "data" / _key(sizes, spec.seed, spec.tasks, SUITE_VERSION), build)
 
 
 def data_path(spec: EmbeddedSpec, name: str) -> str:

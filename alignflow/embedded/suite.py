@@ -59,8 +59,16 @@ def _add(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _count_letter(rng: random.Random) -> tuple[str, str, str]:
-    words = _two_words(rng)
-    letter = rng.choice(sorted(set("".join(words))))
+    # Answers balanced between 1 and 2 (a letter drawn at random occurs once ~80% of the time, so
+    # always answering "1" would otherwise score 0.8).
+    want = rng.choice([1, 2])
+    while True:
+        words = _two_words(rng)
+        joined = "".join(words)
+        letters = sorted(c for c in set(joined) if joined.count(c) == want)
+        if letters:
+            break
+    letter = rng.choice(letters)
     phrasing = rng.choice([f"How many times does the letter {letter} appear?", f"Count the letter {letter}.",
                            f"Count how often {letter} occurs in the words."])
     return phrasing, " ".join(words), str("".join(words).count(letter))
@@ -101,7 +109,10 @@ def _count_words(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _count_vowels(rng: random.Random) -> tuple[str, str, str]:
+    want = rng.choice([3, 4, 5])  # balanced: the natural distribution is over half "4"
     words = _two_words(rng)
+    while sum(c in "aeiou" for c in "".join(words)) != want:
+        words = _two_words(rng)
     phrasing = rng.choice(["How many vowels are there?", "Count the vowels.", "How many of the letters are vowels?"])
     return phrasing, " ".join(words), str(sum(c in "aeiou" for c in "".join(words)))
 
@@ -121,7 +132,9 @@ def _larger(rng: random.Random) -> tuple[str, str, str]:
 
 def _has_letter(rng: random.Random) -> tuple[str, str, str]:
     words = _two_words(rng)
-    letter = rng.choice("abcdefghijklmnoprstuvwy")
+    present = sorted(set("".join(words)))
+    absent = [c for c in "abcdefghijklmnoprstuvwy" if c not in present]
+    letter = rng.choice(present if rng.random() < 0.5 else absent)  # yes and no equally often
     phrasing = rng.choice([f"Do the words contain the letter {letter}?", f"Is there an {letter} in the words?",
                            f"Does the letter {letter} occur?"])
     return phrasing, " ".join(words), "yes" if letter in "".join(words) else "no"
@@ -143,6 +156,11 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "larger": _larger,
     "has_letter": _has_letter,
 }
+
+
+# Every answer of a two-or-more-answer task type is about equally likely, so a model that learned
+# only the answer prior scores chance (1/2, 1/3), not the majority share. Bump when tasks change.
+SUITE_VERSION = 2
 
 
 def make_splits(sizes: dict[str, int], seed: int, tasks: list[str] | None = None) -> dict[str, list[dict]]:
