@@ -33,8 +33,9 @@ def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, 
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def score_answers(rows: list[dict], answers: list[dict], ranker) -> tuple[dict[str, float], np.ndarray]:
-    """Greedy-answer metrics and the per-prompt correctness vector they come from."""
+def score_answers(rows: list[dict], answers: list[dict], ranker
+                  ) -> tuple[dict[str, float], np.ndarray, list[float]]:
+    """Greedy-answer metrics, and the per-prompt correctness and rewards they come from."""
     references = [r["completion"][0]["content"] for r in rows]
     correct = np.array([is_correct(a["text"], ref) for a, ref in zip(answers, references)], dtype=float)
     rewards = ranker.score([r["prompt"] for r in rows], [a["text"] for a in answers], references)
@@ -43,7 +44,7 @@ def score_answers(rows: list[dict], answers: list[dict], ranker) -> tuple[dict[s
                "mean_words": sum(len(a["text"].split()) for a in answers) / len(rows)}
     for task_name in sorted({r["task"] for r in rows}):
         metrics[f"accuracy.{task_name}"] = correct[[r["task"] == task_name for r in rows]].mean()
-    return {k: float(v) for k, v in metrics.items()}, correct
+    return {k: float(v) for k, v in metrics.items()}, correct, rewards
 
 
 def pass_at_k(rows: list[dict], samples: list[list[dict]], k: int) -> dict[str, float]:
@@ -90,10 +91,12 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             model, tokenizer = load_causal_lm(path, ctx.device), load_tokenizer(path)
             answers = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                               batch_size=cfg.batch_size, progress=f"eval {name}")]
-            metrics, correct[name] = score_answers(rows, answers, ranker)
+            metrics, correct[name], ranked = score_answers(rows, answers, ranker)
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
             metrics |= {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
-            rewards[name] = verifier.score(prompts, [a["text"] for a in answers], references)
+            # the win rate is judged by the verifier whatever ranked the pairs
+            rewards[name] = ranked if isinstance(ranker, Verifier) else \
+                verifier.score(prompts, [a["text"] for a in answers], references)
             if cfg.pass_k:
                 sampled = generate(model, tokenizer, prompts, num_return_sequences=cfg.pass_k, do_sample=True,
                                    temperature=cfg.pass_temperature, max_new_tokens=cfg.max_new_tokens,
