@@ -96,6 +96,9 @@ class TrainerSection(Section):
     trl_config: ClassVar[str]  # the TRL dataclass that `trainer` feeds
     trainer: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
+    # a resumable checkpoint every N optimizer steps (0: none); a rerun of a stage that died resumes
+    # from the last complete one. `trainer.save_strategy`/`save_steps` override it.
+    checkpoint_steps: int = Field(default=200, ge=0)
 
     @field_validator("trainer")
     @classmethod
@@ -165,6 +168,7 @@ class PipelineConfig(Section):
     seed: int = 0
     output_dir: str = "outputs"  # stage outputs are written here, then logged to MLflow
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache: bool = True  # reuse a stage's recorded output when its config, inputs and code are unchanged
     embedded: EmbeddedSpec = EmbeddedSpec()
     base: BaseSection
     sft: SFTSection

@@ -37,16 +37,20 @@ def pick_device(setting: str = "auto") -> str:
     return setting if setting != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path) -> dict[str, Any]:
-    """TRL config kwargs: alignflow's per-device defaults, then the user's `trainer:` keys on top."""
+def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path, checkpoint_steps: int = 0
+                 ) -> dict[str, Any]:
+    """TRL config kwargs: alignflow's per-device defaults, then the user's `trainer:` keys on top.
+    `checkpoint_steps` > 0 saves a resumable checkpoint every that many optimizer steps (the last two kept)."""
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "seed": seed,
         "report_to": "none",  # alignflow logs TRL's metrics itself, batched, into the stage's run
-        "save_strategy": "no",
+        "save_strategy": "steps" if checkpoint_steps else "no",
         "logging_steps": 5,
         "disable_tqdm": False,
     }
+    if checkpoint_steps:
+        defaults |= {"save_steps": checkpoint_steps, "save_total_limit": 2}
     if device == "cpu":
         defaults |= CPU_TRAINER_DEFAULTS
     else:
@@ -54,7 +58,8 @@ def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path)
     return defaults | user
 
 
-def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], device: str, seed: int) -> None:
+def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], device: str, seed: int,
+                         checkpoint_steps: int = 0) -> None:
     """Build TRL's config from a `trainer:` section now, so a bad value fails before any model
     loads, with an error naming the section (TRL's message names the field)."""
     import tempfile
@@ -65,7 +70,7 @@ def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], de
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            getattr(trl, trl_config)(**trainer_args(user, device, seed, Path(tmp)))
+            getattr(trl, trl_config)(**trainer_args(user, device, seed, Path(tmp), checkpoint_steps))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{section}.trainer: {err}") from None
 

@@ -44,7 +44,12 @@ class RunRecords:
         self.parent = self.client.get_run(parent_run_id)
         children = self.client.search_runs([self.parent.info.experiment_id],
                                            f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
-        self.stages = {r.info.run_name: r for r in sorted(children, key=lambda r: r.info.start_time)}
+        self.stages, self.cached = {}, {}
+        for run in sorted(children, key=lambda r: r.info.start_time):
+            source = run.data.tags.get("alignflow.cache_source_run")
+            if source:  # a cache hit: its records are the source run's
+                self.cached[run.info.run_name] = source
+            self.stages[run.info.run_name] = self.client.get_run(source) if source else run
         self.metrics = self.parent.data.metrics
 
     def history(self, stage: str, key: str) -> tuple[list[int], list[float]]:
@@ -92,6 +97,9 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                        "–" if delta is None else f"{delta:+.3f} [{_fmt(get(f'{name}.delta_vs_sft_ci95_low'))}, "
                                                  f"{_fmt(get(f'{name}.delta_vs_sft_ci95_high'))}]"])
     sections += ["## Stages", _md_table(header, rows)]
+    if rec.cached:
+        sections.append("Reused from earlier runs (config, input digests and code unchanged): " + ", ".join(
+            f"`{stage}` (run `{source}`)" for stage, source in rec.cached.items()) + ".")
 
     task_header = ["task"] + [f"{n} greedy" + (f" / {pk.replace('_at_', '@')}" if pk else "") for n in models]
     task_rows = [[t] + [_fmt(get(f"{n}.accuracy.{t}")) + (f" / {_fmt(get(f'{n}.{pk}.{t}'))}" if pk else "")

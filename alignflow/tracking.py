@@ -34,6 +34,7 @@ class RunContext(BaseModel):
     config_hash: str
     seed: int
     device: str
+    stage_root: str | None = None  # where keyed (cacheable, resumable) stages write: <output_dir>/stages
     tags: dict[str, str] = {}
 
 
@@ -64,6 +65,13 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def drop_secrets(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: drop_secrets(v) for k, v in tree.items()
+                if not any(marker in str(k).lower() for marker in SECRET_MARKERS)}
+    return [drop_secrets(v) for v in tree] if isinstance(tree, list) else tree
+
+
 def prefect_tags() -> dict[str, str]:
     from prefect.runtime import deployment, flow_run
 
@@ -73,26 +81,95 @@ def prefect_tags() -> dict[str, str]:
 
 
 @contextmanager
-def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[str, str]) -> Iterator[RunInfo]:
-    """The flow run's MLflow run (its RunInfo: run_id, experiment_id). An exception marks it FAILED."""
+def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[str, str],
+               config: dict | None = None, tags: dict[str, str] | None = None) -> Iterator[RunInfo]:
+    """The flow run's MLflow run (its RunInfo: run_id, experiment_id). An exception marks it FAILED.
+    The resolved config is kept as `config.json` (secrets dropped), for reruns of single stages."""
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
-    tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **prefect_tags()}
+    tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **prefect_tags(),
+            **(tags or {})}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         log_params(run.info.run_id, params)
+        if config is not None:
+            mlflow.log_dict(drop_secrets(config), "config.json")
         yield run.info
 
 
 @contextmanager
-def stage_run(ctx: RunContext, stage: str, params: dict[str, str] | None = None) -> Iterator[str]:
+def stage_run(ctx: RunContext, stage: str, params: dict[str, str] | None = None, cache_key: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[str]:
     """A child run for one stage, active in this thread so library callbacks log into it."""
     mlflow.set_tracking_uri(tracking_uri())
     tags = {"alignflow.stage": stage, "alignflow.config_hash": ctx.config_hash,
-            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **prefect_tags(), **ctx.tags}
+            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **prefect_tags(), **ctx.tags,
+            **({"alignflow.cache_key": cache_key, "alignflow.cache_hit": "false"} if cache_key else {}),
+            **(tags or {})}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id,
                           nested=True, tags=tags) as run:
         log_params(run.info.run_id, params or {})
         yield run.info.run_id
+
+
+def record_output(output) -> None:
+    """Tag the active stage run with its output reference(s) as JSON (`alignflow.output`), so a later
+    rerun of one stage can find its inputs by flow run (`alignflow stage NAME --from-run RUN_ID`)."""
+    import json
+
+    from alignflow.refs import ArtifactRef
+
+    if isinstance(output, dict):
+        value = json.dumps({k: v.model_dump(mode="json") for k, v in output.items() if isinstance(v, ArtifactRef)})
+    else:
+        value = output.model_dump_json()
+    mlflow.set_tag("alignflow.output", value)
+
+
+def eval_metrics(results: dict) -> dict[str, float]:
+    """Evaluate's results as the parent run's metric columns: `<model>.<metric>`."""
+    return {f"{name}.{k}": v for name, m in results["metrics"].items() for k, v in m.items()}
+
+
+def stale_reason(output) -> str | None:
+    """Why a cached stage output cannot be served (None: it can): the run that made it is gone, or
+    neither its local copy nor its MLflow artifact is there. Consumers still check the content digest
+    when they read it (ArtifactRef.resolve)."""
+    from mlflow.exceptions import MlflowException
+
+    from alignflow.refs import ArtifactRef
+
+    source = output.run_id if isinstance(output, ArtifactRef) else output.get("eval_run_id")
+    client = MlflowClient()
+    try:
+        if source is None or client.get_run(source).info.lifecycle_stage == "deleted":
+            return f"source run {source} deleted"
+    except MlflowException:
+        return f"source run {source} not found"
+    if not isinstance(output, ArtifactRef) or not output.uri.startswith("runs:/"):
+        return None
+    if output.local_path and Path(output.local_path).exists():
+        return None
+    run_id, _, path = output.uri.removeprefix("runs:/").partition("/")
+    parent, _, leaf = path.rpartition("/")
+    if not any(a.path == path for a in client.list_artifacts(run_id, parent or None)):
+        return f"artifact {output.uri} missing"
+    return None
+
+
+def record_cache_hit(ctx: RunContext, name: str, cache_key: str, output) -> str:
+    """The stage's child run for a cache hit: tagged with the run the output came from; an
+    evaluation hit puts its metrics on this flow run's parent run as a fresh evaluation would."""
+    from alignflow.refs import ArtifactRef
+
+    source = output.run_id if isinstance(output, ArtifactRef) else output["eval_run_id"]
+    tags = {"alignflow.cache_hit": "true", "alignflow.cache_source_run": str(source)}
+    with stage_run(ctx, name, cache_key=cache_key, tags=tags) as run_id:
+        if isinstance(output, ArtifactRef):
+            record_output(output)
+        else:
+            log_metrics(run_id, eval_metrics(output))
+            log_metrics(ctx.parent_run_id, eval_metrics(output))
+    return run_id
 
 
 def log_params(run_id: str, params: dict[str, str]) -> None:

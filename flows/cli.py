@@ -4,6 +4,8 @@
     alignflow validate CONFIG [dotted.key=value ...]  check a config without running anything
     alignflow compare [--experiment NAME] [RUN_ID ...] differing config values and key metrics of runs
     alignflow report RUN_ID [--out DIR]               rebuild a run's report from MLflow
+    alignflow stage NAME --from-run RUN_ID [CONFIG] [dotted.key=value ...]
+                                                      rerun one stage on an earlier run's outputs
 
 The tracking store is $MLFLOW_TRACKING_URI, else ./mlflow.db; `--tracking-uri` overrides both.
 """
@@ -55,12 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="rebuild a flow run's report from its MLflow records")
     p.add_argument("run_id")
     p.add_argument("--out", default=None, help="directory (default outputs/<run_id>/report)")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("stage", help="rerun one stage, its inputs from an earlier flow run's outputs")
+    p.add_argument("name", choices=["select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate"])
+    p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
+    p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
+                   help="a config file (default: the source run's recorded config), then overrides")
+    # `stage NAME --from-run ID CONFIG k=v`: argparse gives positionals after an option back as extras
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "stage":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "stage":
+        args.rest = [*args.rest, *extra]
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
 
     if args.command in ("compare", "report"):
         return _records_command(args)
+    if args.command == "stage":
+        return _stage_command(args)
 
     from alignflow.config import ConfigError, load_config
 
@@ -82,6 +96,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignflow: bad input: {err}", file=sys.stderr)
         return 2
     print(_summary(results))
+    return 0
+
+
+def _stage_command(args) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from alignflow.config import ConfigError
+    from alignflow.data import DataError
+    from alignflow.refs import DigestMismatch
+    from flows.stage import align_stage
+
+    config = args.rest[0] if args.rest and "=" not in args.rest[0] else None
+    overrides = args.rest[1:] if config else args.rest
+    try:
+        result = align_stage(args.name, args.from_run, config, overrides)
+    except (ConfigError, DataError, LookupError, DigestMismatch, MlflowException) as err:
+        print(f"alignflow stage {args.name}: {err}", file=sys.stderr)
+        return 2
+    print(_table(result) if "metrics" in result else f"{args.name}: {result['output']['uri']} "
+          f"({result['output']['digest'][:19]})")
+    print(f"MLflow parent run: {result['parent_run_id']} (rerun of {args.from_run})")
     return 0
 
 

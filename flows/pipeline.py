@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from mlflow.entities import RunInfo
+from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
 
+from alignflow.caching import RecordedKey, Uncacheable, stage_key
 from alignflow.config import PipelineConfig
 from alignflow.modeling import pick_device
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.tracking import RunContext, flatten, parent_run
+from alignflow.tracking import RunContext, flatten, parent_run, record_cache_hit, stale_reason
 from tasks.dpo import dpo
 from tasks.evaluate import evaluate
 from tasks.load_data import load_data
@@ -35,6 +37,34 @@ def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
     return f"{stage}.round{round_}" if variant == "dpo" else f"{stage}.{variant}.round{round_}"
 
 
+def run_stage(stage: Task, config: PipelineConfig, ctx: RunContext, **inputs):
+    """Call one stage task; with `cache: true`, through Prefect's cache keyed by alignflow.caching.
+
+    A cache hit is used only if its outputs can still be read with their recorded digests (else the
+    stage runs again), and is recorded as the stage's MLflow child run, tagged with the run it came from."""
+    name = inputs.get("name", stage.name)
+    key = None
+    if config.cache:
+        try:
+            key = stage_key(stage.name, {**inputs, "ctx": ctx})
+        except Uncacheable as err:
+            get_run_logger().info("%s runs uncached: %s", name, err)
+    if key is None:
+        return stage(**inputs, ctx=ctx)
+    cached = stage.with_options(cache_policy=RecordedKey(), persist_result=True,
+                                result_storage=Path(config.output_dir).resolve() / "cache")
+    state = cached(**inputs, ctx=ctx, cache_key=key, return_state=True)
+    result = state.result()
+    if state.name != "Cached":
+        return result
+    problem = stale_reason(result)
+    if problem is None:
+        record_cache_hit(ctx, name, key, result)
+        return result
+    get_run_logger().warning("%s: cached output not usable (%s); running it again", name, problem)
+    return cached.with_options(refresh_cache=True)(**inputs, ctx=ctx, cache_key=key)
+
+
 def preference_rounds(config: PipelineConfig, variant: str, start: ModelRef, first_pairs: DatasetRef,
                       prompts: DatasetRef, ctx: RunContext) -> dict[str, ModelRef]:
     """`dpo.rounds` rounds of sample -> rank -> train from the latest policy (round 1 trains on the
@@ -43,32 +73,42 @@ def preference_rounds(config: PipelineConfig, variant: str, start: ModelRef, fir
     rounds, policy, pairs, models = config.dpo.rounds, start, first_pairs, {}
     for r in range(1, rounds + 1):
         if r > 1:
-            candidates = sample(config.sample, policy, prompts, ctx, name=stage_name("sample", variant, r, rounds),
-                                seed_offset=r - 1)
-            pairs = rank(config.rank, candidates, ctx, name=stage_name("rank", variant, r, rounds))
-        policy = dpo(config.dpo, policy, pairs, ctx, name=stage_name(variant, variant, r, rounds), variant=variant)
+            candidates = run_stage(sample, config, ctx, cfg=config.sample, policy=policy, prompts=prompts,
+                                   name=stage_name("sample", variant, r, rounds), seed_offset=r - 1)
+            pairs = run_stage(rank, config, ctx, cfg=config.rank, candidates=candidates,
+                              name=stage_name("rank", variant, r, rounds))
+        policy = run_stage(dpo, config, ctx, cfg=config.dpo, policy=policy, pairs=pairs,
+                           name=stage_name(variant, variant, r, rounds), variant=variant)
         models[variant if r == rounds else f"{variant}_r{r}"] = policy
     return models
+
+
+def run_context(config: PipelineConfig, parent: RunInfo) -> RunContext:
+    output_dir = Path(config.output_dir).resolve()
+    return RunContext(experiment_id=parent.experiment_id, parent_run_id=parent.run_id, seed=config.seed,
+                      output_dir=str(output_dir / parent.run_id), stage_root=str(output_dir / "stages"),
+                      config_hash=config.digest(), device=pick_device(config.device))
 
 
 @flow(name="align")
 def align(config: PipelineConfig) -> dict:
     """Load data -> select base -> SFT -> sample -> rank -> DPO (and baselines) -> evaluate -> report."""
-    config_hash = config.digest()
-    with parent_run(config.experiment, flow_run.name or "align", config_hash, flatten(config)) as parent:
-        ctx = RunContext(experiment_id=parent.experiment_id, parent_run_id=parent.run_id, seed=config.seed,
-                         output_dir=str(Path(config.output_dir) / parent.run_id), config_hash=config_hash,
-                         device=pick_device(config.device))
-        data = load_data(config, ctx)
-        base = select_base(config.base, data["sft"], config.embedded, config.sft.lora, ctx)
-        sft_model = sft(config.sft, base, data["sft"], ctx, config.base.trust_remote_code)
-        candidates = sample(config.sample, sft_model, data["prompts"], ctx)
-        pairs = rank(config.rank, candidates, ctx)
+    with parent_run(config.experiment, flow_run.name or "align", config.digest(), flatten(config),
+                    config=config.model_dump(mode="json")) as parent:
+        ctx = run_context(config, parent)
+        data = load_data(config, ctx)  # always runs: it reads the inputs and gives their content digests
+        base = run_stage(select_base, config, ctx, cfg=config.base, data=data["sft"], spec=config.embedded,
+                         lora=config.sft.lora)
+        sft_model = run_stage(sft, config, ctx, cfg=config.sft, base=base, data=data["sft"],
+                              trust_remote_code=config.base.trust_remote_code)
+        candidates = run_stage(sample, config, ctx, cfg=config.sample, policy=sft_model, prompts=data["prompts"])
+        pairs = run_stage(rank, config, ctx, cfg=config.rank, candidates=candidates)
         models = {"base": base, "sft": sft_model}
         for variant in ["dpo", *config.dpo.baselines]:
             trained = preference_rounds(config, variant, sft_model, pairs, data["prompts"], ctx)
             # every round of the shipped setting is evaluated; baselines by their final model
             models |= trained if variant == "dpo" else {variant: trained[variant]}
-        results = evaluate(config.eval, models, data["eval"], ctx, config.rank)
+        results = run_stage(evaluate, config, ctx, cfg=config.eval, models=models, data=data["eval"],
+                            rank_cfg=config.rank)
         results["report"] = report(ctx)
     return {"parent_run_id": parent.run_id, "experiment_id": parent.experiment_id, **results}

@@ -1,11 +1,16 @@
 """One module per stage; each stage is a Prefect task that takes and returns references."""
 
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from alignflow.modeling import stop_token_ids
 from alignflow.refs import ModelRef, digest_path
-from alignflow.tracking import log_model_dir
+from alignflow.tracking import log_model_dir, record_output
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -26,5 +31,58 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adap
     trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer, trainer.model)
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-    return ModelRef(uri=log_model_dir(model_dir), digest=digest_path(model_dir), run_id=run_id,
-                    local_path=str(model_dir), is_adapter=is_adapter)
+    ref = ModelRef(uri=log_model_dir(model_dir), digest=digest_path(model_dir), run_id=run_id,
+                   local_path=str(model_dir), is_adapter=is_adapter)
+    record_output(ref)
+    return ref
+
+
+COMPLETE_MARKER = "alignflow-complete.json"
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once transformers has written all of it (model, optimizer,
+    scheduler, RNG and trainer state): the marker is written last, atomically. transformers writes a
+    checkpoint's files one by one into the final directory, so a process killed mid-save leaves a
+    directory that looks like a checkpoint; only marked ones are resumed from. Hand-written because
+    neither transformers nor TRL marks complete checkpoints."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and args.should_save:
+            tmp = folder / (COMPLETE_MARKER + ".tmp")
+            tmp.write_text(json.dumps({"global_step": state.global_step}))
+            os.replace(tmp, folder / COMPLETE_MARKER)
+
+
+def last_complete_checkpoint(trainer_dir: str | Path) -> Path | None:
+    """The highest-step checkpoint under trainer_dir that carries the completion marker."""
+    best: tuple[int, Path] | None = None
+    for folder in Path(trainer_dir).glob("checkpoint-*"):
+        marker = folder / COMPLETE_MARKER
+        try:
+            step = json.loads(marker.read_text())["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue  # half-written (killed mid-save) or not ours
+        if folder.name == f"checkpoint-{step}" and (best is None or step > best[0]):
+            best = (step, folder)
+    return best[1] if best else None
+
+
+def train_resumable(trainer, trainer_dir: str | Path, stage: str):
+    """trainer.train(), resumed from the last complete checkpoint of an earlier attempt if any.
+
+    transformers restores model, optimizer, scheduler, RNG and the data position, so the resumed
+    run ends at the same global step as an uninterrupted one. Once training has finished the
+    checkpoints are removed (they hold optimizer state, several times the model's size)."""
+    checkpoint = last_complete_checkpoint(trainer_dir)
+    if checkpoint is not None:
+        stage_logger().info("%s: resuming from %s", stage, checkpoint)
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.set_tag("alignflow.resumed_from", checkpoint.name)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    for folder in Path(trainer_dir).glob("checkpoint-*"):  # finished: the saved model replaces them
+        shutil.rmtree(folder, ignore_errors=True)
+    return result

@@ -13,18 +13,18 @@ section's optimiser settings) and `dpo_no_sft` (the configured DPO minus its `sf
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from datasets import Dataset
 from prefect import task
 from prefect.cache_policies import NONE
 
+from alignflow.caching import stage_dir
 from alignflow.config import DPOSection
 from alignflow.data import read_jsonl
 from alignflow.modeling import load_causal_lm, load_tokenizer, lora_config, trainer_args
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, stage_run
-from tasks import save_trained_model, stage_logger
+from tasks import CheckpointMarker, save_trained_model, stage_logger, train_resumable
 
 VARIANTS = ("dpo", "rft", "dpo_no_sft")
 
@@ -50,23 +50,24 @@ def variant_args(args: dict, variant: str) -> dict:
 
 @task(name="dpo", cache_policy=NONE)
 def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, name: str = "dpo",
-        variant: str = "dpo") -> ModelRef:
+        variant: str = "dpo", cache_key: str | None = None) -> ModelRef:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown preference variant {variant!r}; choose from {VARIANTS}")
-    out_dir = Path(ctx.output_dir) / name
-    args = variant_args(trainer_args(cfg.trainer, ctx.device, ctx.seed, out_dir / "trainer"), variant)
+    out_dir = stage_dir(ctx, name, cache_key)
+    args = variant_args(trainer_args(cfg.trainer, ctx.device, ctx.seed, out_dir / "trainer", cfg.checkpoint_steps),
+                        variant)
     params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "policy": policy.uri, "variant": variant},
                      "dpo")
-    with stage_run(ctx, name, params) as run_id:
+    with stage_run(ctx, name, params, cache_key) as run_id:
         rows = read_jsonl(pairs.resolve())
         log_dataset(rows, source=pairs.uri, name="pairs", context="training")
         policy_path = policy.resolve()
         tokenizer = load_tokenizer(policy_path)
         model = load_causal_lm(policy_path, ctx.device)
         peft = lora_config(cfg.lora) if cfg.lora.enabled else None
-        callbacks = [MlflowMetricsCallback(run_id)]
+        callbacks = [MlflowMetricsCallback(run_id), CheckpointMarker()]
         if variant == "rft":
             train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
             trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train, processing_class=tokenizer,
@@ -79,7 +80,7 @@ def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
             train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(**args), train_dataset=train,
                                  processing_class=tokenizer, callbacks=callbacks, peft_config=peft)
-        result = trainer.train()
+        result = train_resumable(trainer, args["output_dir"], name)
         stage_logger().info("%s (%s) done: %d steps, train loss %.4f", name, variant, result.global_step,
                             result.training_loss)
         return save_trained_model(trainer, tokenizer, out_dir / "model", run_id, cfg.lora.enabled)

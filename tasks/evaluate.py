@@ -20,7 +20,7 @@ from alignflow.data import read_jsonl
 from alignflow.modeling import generate, load_causal_lm, load_tokenizer
 from alignflow.rankers import Verifier, is_correct, make_ranker
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from alignflow.tracking import RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
 
 
@@ -68,17 +68,17 @@ def report_prompts(rows: list[dict], n: int) -> list[int]:
 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ctx: RunContext,
-             rank_cfg: RankSection | None = None) -> dict:
+             rank_cfg: RankSection | None = None, cache_key: str | None = None) -> dict:
     logger = stage_logger()
     params = flatten({**cfg.model_dump(exclude={"data"}), **{f"model.{k}": m.uri for k, m in models.items()}},
                      "eval")
-    with stage_run(ctx, "evaluate", params) as run_id:
+    with stage_run(ctx, "evaluate", params, cache_key) as run_id:
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
         ranker = make_ranker(rank_cfg, ctx.device) if rank_cfg else Verifier()
         verifier = Verifier()
         shown = report_prompts(rows, cfg.report_prompts)
-        results: dict = {"metrics": {}, "examples": [{"prompt": rows[i]["prompt"][-1]["content"], "task": rows[i]["task"],
+        results: dict = {"eval_run_id": run_id, "metrics": {}, "examples": [{"prompt": rows[i]["prompt"][-1]["content"], "task": rows[i]["task"],
                                                       "reference": rows[i]["completion"][0]["content"], "answers": {}}
                                                      for i in shown]}
         samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": []}
@@ -120,7 +120,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                     continue
                 results["metrics"][name] |= versus(correct[name], correct["sft"], rewards[name], rewards["sft"],
                                                    cfg.bootstrap, ctx.seed)
-        flat = {f"{name}.{k}": v for name, m in results["metrics"].items() for k, v in m.items()}
+        flat = eval_metrics(results)
         log_metrics(run_id, flat)
         log_metrics(ctx.parent_run_id, flat)  # the parent run carries the comparison columns
         mlflow.log_table(samples, "eval_samples.json")

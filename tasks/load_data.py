@@ -18,7 +18,7 @@ from alignflow.config import PipelineConfig
 from alignflow.data import load_rows, write_jsonl
 from alignflow.modeling import check_trainer_config
 from alignflow.refs import DatasetRef, digest_path
-from alignflow.tracking import RunContext, flatten, log_dataset, stage_run
+from alignflow.tracking import RunContext, flatten, log_dataset, record_output, stage_run
 
 
 @task(name="load_data", cache_policy=NONE)
@@ -31,7 +31,8 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
     params = {f"{name}.{k}": v for name, (src, _) in sources.items() for k, v in flatten(src).items()}
     with stage_run(ctx, "load_data", params) as run_id:
         for name, section in (("sft", config.sft), ("dpo", config.dpo)):
-            check_trainer_config(name, section.trl_config, section.trainer, ctx.device, ctx.seed)
+            check_trainer_config(name, section.trl_config, section.trainer, ctx.device, ctx.seed,
+                                 section.checkpoint_steps)
         converted = {}
         for name, (source, require_reference) in sources.items():  # validate all before writing any
             path = embedded.resolve(config.embedded, source.path, "data")
@@ -45,4 +46,5 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
             mlflow.log_metric(f"{name}.rows", len(rows))
             refs[name] = DatasetRef(uri=f"runs:/{run_id}/data/{out.name}", digest=digest_path(out), run_id=run_id,
                                     local_path=str(out))
+        record_output(refs)
         return refs

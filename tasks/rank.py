@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
+from alignflow.caching import stage_dir
 from alignflow.config import RankSection
 from alignflow.data import read_jsonl, write_jsonl
 from alignflow.rankers import Ranker, build_pairs, make_ranker
 from alignflow.refs import DatasetRef, digest_path
-from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
 
 
@@ -27,8 +26,9 @@ def score_rows(ranker: Ranker, rows: list[dict]) -> list[list[float]]:
 
 
 @task(name="rank", cache_policy=NONE)
-def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = "rank") -> DatasetRef:
-    with stage_run(ctx, name, flatten(cfg, "rank")) as run_id:
+def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = "rank",
+         cache_key: str | None = None) -> DatasetRef:
+    with stage_run(ctx, name, flatten(cfg, "rank"), cache_key) as run_id:
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
         rewards = score_rows(make_ranker(cfg, ctx.device), rows)
@@ -36,7 +36,7 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
         if not pairs:
             raise ValueError(f"ranking left no preference pairs: all {len(rows)} prompts were ties "
                              f"(rank.min_margin={cfg.min_margin}); sample more or more varied candidates")
-        out = write_jsonl(pairs, Path(ctx.output_dir) / name / "pairs.jsonl")
+        out = write_jsonl(pairs, stage_dir(ctx, name, cache_key) / "pairs.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [p["prompt"][-1]["content"] for p in pairs],
                           "chosen": [p["chosen"][0]["content"] for p in pairs],
@@ -52,5 +52,7 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
                              "rejected_mean_reward": sum(p["rejected_reward"] for p in pairs) / len(pairs),
                              "mean_candidate_reward": sum(all_rewards) / len(all_rewards)})
         stage_logger().info("%d pairs from %d prompts (%d ties)", len(pairs), len(rows), ties)
-        return DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
-                          local_path=str(out))
+        ref = DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
+                         local_path=str(out))
+        record_output(ref)
+        return ref

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
+from alignflow.caching import stage_dir
 from alignflow.config import SampleSection
 from alignflow.data import read_jsonl, write_jsonl
 from alignflow.modeling import generate, load_causal_lm, load_tokenizer
 from alignflow.refs import DatasetRef, ModelRef, digest_path
-from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
 
 
@@ -29,13 +28,13 @@ def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], de
 
 @task(name="sample", cache_policy=NONE)
 def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunContext, name: str = "sample",
-           seed_offset: int = 0) -> DatasetRef:
-    with stage_run(ctx, name, flatten({**cfg.model_dump(exclude={"prompts"}), "policy": policy.uri}, "sample")
-                   ) as run_id:
+           seed_offset: int = 0, cache_key: str | None = None) -> DatasetRef:
+    with stage_run(ctx, name, flatten({**cfg.model_dump(exclude={"prompts"}), "policy": policy.uri}, "sample"),
+                   cache_key) as run_id:
         rows = read_jsonl(prompts.resolve())
         log_dataset(rows, source=prompts.uri, name="prompts", context="sampling")
         candidates = sample_candidates(cfg, policy.resolve(), rows, ctx.device, ctx.seed + seed_offset)
-        out = write_jsonl(candidates, Path(ctx.output_dir) / name / "candidates.jsonl")
+        out = write_jsonl(candidates, stage_dir(ctx, name, cache_key) / "candidates.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [r["prompt"][-1]["content"] for r in candidates for _ in r["candidates"]],
                           "candidate": [c for r in candidates for c in r["candidates"]],
@@ -45,5 +44,7 @@ def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunCo
         log_metrics(run_id, {"candidates": len(ended), "eos_rate": sum(ended) / len(ended),
                              "mean_words": sum(lengths) / len(lengths)})
         stage_logger().info("sampled %d candidates for %d prompts", len(ended), len(rows))
-        return DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
-                          local_path=str(out))
+        ref = DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
+                         local_path=str(out))
+        record_output(ref)
+        return ref

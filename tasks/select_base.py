@@ -17,7 +17,7 @@ from alignflow.config import BaseSection, EmbeddedSpec, LoraSection
 from alignflow.data import read_jsonl
 from alignflow.modeling import load_causal_lm, load_tokenizer
 from alignflow.refs import DatasetRef, ModelRef, digest_path
-from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
 
 
@@ -60,9 +60,9 @@ def text_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float
 
 @task(name="select_base", cache_policy=NONE)
 def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: LoraSection,
-                ctx: RunContext) -> ModelRef:
+                ctx: RunContext, cache_key: str | None = None) -> ModelRef:
     logger = stage_logger()
-    with stage_run(ctx, "select_base", flatten(cfg, "base")):
+    with stage_run(ctx, "select_base", flatten(cfg, "base"), cache_key):
         rows = read_jsonl(data.resolve())[: cfg.score_examples]
         log_dataset(rows, source=data.uri, name="sft_scoring", context="scoring")
         table = []
@@ -95,6 +95,8 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
                     {"chosen.text_loss": chosen["text_loss"], "chosen.params": chosen["params"]})
         logger.info("chose %s (text loss %.4f)", chosen["candidate"], chosen["text_loss"])
         local = Path(chosen["path"]).is_dir()
-        return ModelRef(uri=chosen["path"], local_path=chosen["path"] if local else None,
-                        digest=digest_path(chosen["path"]) if local else f"hub:{chosen['commit']}",
-                        run_id=mlflow.active_run().info.run_id)
+        ref = ModelRef(uri=chosen["path"], local_path=chosen["path"] if local else None,
+                       digest=digest_path(chosen["path"]) if local else f"hub:{chosen['commit']}",
+                       run_id=mlflow.active_run().info.run_id)
+        record_output(ref)
+        return ref

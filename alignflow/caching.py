@@ -1,0 +1,126 @@
+"""Cross-run stage caching and stable stage directories.
+
+A stage is not run again when its task, its config section and other arguments, the content digests
+of its inputs, the seed, the device and the code are all unchanged: Prefect serves the recorded
+output (persisted results under `<output_dir>/cache`) and the flow records the hit in the stage's
+MLflow child run, with the run the output came from.
+
+Prefect does the caching; alignflow only computes the key (`stage_key`) and hands it to the task as
+its `cache_key` argument, which the `RecordedKey` policy returns as is. Prefect's default policy
+includes the flow run id (so it never hits across runs), and its INPUTS policy would hash run ids,
+MLflow URIs and local paths that differ between runs with the same content; hence this key:
+
+- references (models, datasets) count by content digest, never by where they live;
+- the run context counts by seed and device only;
+- the code version is a digest of alignflow's own source (`alignflow/`, `tasks/`) and the versions of
+  the libraries that train and generate: coarse on purpose, a change anywhere re-runs;
+- a model given by name whose content alignflow cannot pin (a hub id without a commit revision)
+  makes the stage uncacheable: it runs, and nothing is stored. A key that cannot be computed is
+  never replaced by a partial one (compare Prefect issue #15861, a composite policy that cached
+  when one part failed): `stage_key` raises, and the flow runs the stage uncached.
+
+The same key names the stage's working directory (`<output_dir>/stages/<name>-<key>`), so a
+stage that died is rerun in the same place and resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from pydantic import BaseModel
+
+from alignflow.refs import ArtifactRef, digest_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("alignflow", "tasks")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class Uncacheable(ValueError):
+    """This stage's output cannot be keyed by content; it runs uncached."""
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    h = hashlib.sha256()
+    for package in CODE_DIRS:
+        for file in sorted((ROOT / package).rglob("*.py")):
+            h.update(str(file.relative_to(ROOT)).encode())
+            h.update(file.read_bytes())
+    for lib in LIBRARIES:
+        try:
+            h.update(f"{lib}=={version(lib)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib} absent".encode())
+    return h.hexdigest()[:16]
+
+
+def model_source(name: str | None, revision: str | None = None) -> str | None:
+    """What a model given by name contains: `embedded:` models are built from the config and the
+    code (both in the key already), a local directory by its digest, a hub id only at a pinned commit."""
+    if name is None or name.startswith("embedded:"):
+        return name
+    if Path(name).exists():
+        return digest_path(name)
+    if revision and COMMIT.match(revision):
+        return f"{name}@{revision}"
+    raise Uncacheable(f"model {name!r} is a hub id without a pinned commit revision: its content may change")
+
+
+def fingerprint(value: Any) -> Any:
+    """A JSON-able summary of a stage argument that changes exactly when its content does."""
+    from alignflow.tracking import RunContext
+
+    if isinstance(value, ArtifactRef):
+        return {"kind": value.kind, "digest": value.digest, "is_adapter": value.is_adapter}
+    if isinstance(value, RunContext):
+        return {"seed": value.seed, "device": value.device}
+    if isinstance(value, BaseModel):
+        return {type(value).__name__: fingerprint(value.model_dump(mode="json"))}
+    if isinstance(value, dict):
+        return {str(k): fingerprint(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [fingerprint(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise Uncacheable(f"cannot fingerprint an argument of type {type(value).__name__}")
+
+
+def stage_key(task_name: str, inputs: dict[str, Any]) -> str:
+    """The cache key of one stage call; raises Uncacheable when its content cannot be pinned."""
+    inputs = {k: v for k, v in inputs.items() if k != "cache_key"}
+    extra: dict[str, Any] = {}
+    if task_name == "select_base":
+        cfg = inputs["cfg"]
+        extra["candidates"] = [model_source(c, cfg.revision) for c in cfg.candidates]
+    if task_name in ("rank", "evaluate"):
+        rank_cfg = inputs.get("cfg") if task_name == "rank" else inputs.get("rank_cfg")
+        if rank_cfg is not None and rank_cfg.ranker == "reward_model":
+            extra["reward_model"] = model_source(rank_cfg.reward_model)
+    payload = {"task": task_name, "code": code_version(), "inputs": fingerprint(inputs), "extra": extra}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@dataclass
+class RecordedKey(CachePolicy):
+    """Prefect cache policy: the key is the task's own `cache_key` argument (None: not cached)."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        return inputs.get("cache_key")
+
+
+def stage_dir(ctx, name: str, cache_key: str | None) -> Path:
+    """Where a stage writes: `<output_dir>/stages/<name>-<key>` when keyed (stable across runs, so a
+    rerun resumes there), else `<output_dir>/<parent run id>/<name>`."""
+    if cache_key and ctx.stage_root:
+        return Path(ctx.stage_root) / f"{name}-{cache_key[:16]}"
+    return Path(ctx.output_dir) / name

@@ -1,0 +1,148 @@
+"""Rerun one stage by hand, its inputs taken from an earlier flow run's recorded outputs.
+
+    alignflow stage dpo --from-run RUN_ID                          # the source run's config
+    alignflow stage dpo --from-run RUN_ID dpo.trainer.beta=0.2     # ... with overrides
+    alignflow stage evaluate --from-run RUN_ID configs/my.yaml     # another config file
+
+Every stage tags its MLflow child run with its output references (`alignflow.output`: URI, sha256
+digest, run id). This flow reads them through MlflowClient, checks each input's digest before any
+model loads, and records the rerun as a new parent run tagged `alignflow.rerun_of` (the source) and
+`alignflow.rerun_stage`, with the stage's child run beneath it. The source runs are only read
+(MLflow params are write-once: nothing is ever logged into a finished run). A rerun of a rerun
+finds inputs it did not produce in the run it came from, so `stage dpo` then `stage evaluate
+--from-run <that run>` evaluates the new DPO model beside the original base and SFT models.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from alignflow.config import ConfigError, PipelineConfig, load_config, validate_config
+from alignflow.refs import ArtifactRef, DatasetRef, ModelRef
+from alignflow.tracking import flatten, parent_run, tracking_uri
+from flows.pipeline import run_context, run_stage
+from tasks.dpo import dpo
+from tasks.evaluate import evaluate
+from tasks.rank import rank
+from tasks.report import report
+from tasks.sample import sample
+from tasks.select_base import select_base
+from tasks.sft import sft
+
+StageName = Literal["select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate"]
+EVALUATED = ("base", "sft", "dpo", "rft", "dpo_no_sft")  # models `stage evaluate` takes, where recorded
+
+
+class SourceRun:
+    """A flow run's recorded stage outputs, following `alignflow.rerun_of` for what it did not make."""
+
+    def __init__(self, run_id: str, client: MlflowClient):
+        self.client = client
+        run = client.get_run(run_id)
+        parent_id = run.data.tags.get("mlflow.parentRunId")  # a stage run's id names its flow run
+        self.run: Run = client.get_run(parent_id) if parent_id else run
+        self.chain: list[Run] = [self.run]
+        while (source := self.chain[-1].data.tags.get("alignflow.rerun_of")) and len(self.chain) < 50:
+            self.chain.append(client.get_run(source))
+
+    def outputs(self, stage_run_name: str) -> dict | None:
+        for run in self.chain:
+            children = self.client.search_runs(
+                [run.info.experiment_id],
+                f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = '{stage_run_name}' "
+                "and attributes.status = 'FINISHED'", max_results=1)
+            if children and "alignflow.output" in children[0].data.tags:
+                return json.loads(children[0].data.tags["alignflow.output"])
+        return None
+
+    def ref(self, stage_run_name: str, kind: type[ArtifactRef], key: str | None = None) -> ArtifactRef:
+        out = self.outputs(stage_run_name)
+        if out is None or (key is not None and key not in out):
+            raise LookupError(f"flow run {self.run.info.run_id} has no finished `{stage_run_name}` stage "
+                              f"with a recorded output{f' {key!r}' if key else ''}")
+        return kind.model_validate(out[key] if key else out)
+
+    def config(self) -> dict:
+        import mlflow
+
+        for run in self.chain:
+            try:
+                return mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.json")
+            except Exception:  # noqa: BLE001 - older runs have no config.json; try the next source
+                continue
+        raise LookupError(f"flow run {self.run.info.run_id} has no recorded config.json: pass a CONFIG file")
+
+
+def stage_config(source: SourceRun, config: str | None, overrides: list[str]) -> PipelineConfig:
+    if config:
+        return load_config(config, overrides)
+    from alignflow.config import _set_dotted, parse_overrides
+
+    tree = source.config()
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return validate_config(tree, source=f"config of run {source.run.info.run_id}")
+
+
+def stage_inputs(stage: str, config: PipelineConfig, source: SourceRun) -> tuple:
+    """(task, keyword inputs) for one stage, every input reference read from the source run."""
+    data = lambda key: source.ref("load_data", DatasetRef, key)  # noqa: E731
+    if stage == "select_base":
+        return select_base, dict(cfg=config.base, data=data("sft"), spec=config.embedded, lora=config.sft.lora)
+    if stage == "sft":
+        return sft, dict(cfg=config.sft, base=source.ref("select_base", ModelRef), data=data("sft"),
+                         trust_remote_code=config.base.trust_remote_code)
+    if stage == "sample":
+        return sample, dict(cfg=config.sample, policy=source.ref("sft", ModelRef), prompts=data("prompts"))
+    if stage == "rank":
+        return rank, dict(cfg=config.rank, candidates=source.ref("sample", DatasetRef))
+    if stage in ("dpo", "rft", "dpo_no_sft"):
+        return dpo, dict(cfg=config.dpo, policy=source.ref("sft", ModelRef), pairs=source.ref("rank", DatasetRef),
+                         name=stage, variant=stage)
+    models = {name: source.ref("select_base" if name == "base" else name, ModelRef)
+              for name in EVALUATED if name in ("base", "sft") or source.outputs(name) is not None}
+    return evaluate, dict(cfg=config.eval, models=models, data=data("eval"), rank_cfg=config.rank)
+
+
+def check_inputs(inputs: dict) -> None:
+    """Every input reference resolves to content with its recorded digest (raises DigestMismatch)."""
+    for value in inputs.values():
+        for ref in value.values() if isinstance(value, dict) else [value]:
+            if isinstance(ref, ArtifactRef):
+                ref.resolve()
+
+
+@flow(name="align-stage")
+def align_stage(stage: StageName, from_run: str, config: str | None = None, overrides: list[str] | None = None
+                ) -> dict:
+    """One stage of the alignment flow, its inputs from flow run `from_run` (an MLflow run id)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    source = SourceRun(from_run, MlflowClient())
+    try:
+        cfg = stage_config(source, config, list(overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"alignflow stage {stage}: {err}") from None
+    task, inputs = stage_inputs(stage, cfg, source)
+    check_inputs(inputs)  # digests checked before any model loads
+    tags = {"alignflow.rerun_of": source.run.info.run_id, "alignflow.rerun_stage": stage}
+    with parent_run(cfg.experiment, flow_run.name or f"stage-{stage}", cfg.digest(), flatten(cfg),
+                    config=cfg.model_dump(mode="json"), tags=tags) as parent:
+        ctx = run_context(cfg, parent).model_copy(update={"tags": tags})
+        get_run_logger().info("rerunning %s from flow run %s", stage, source.run.info.run_id)
+        output = run_stage(task, cfg, ctx, **inputs)
+        result = {"parent_run_id": parent.run_id, "experiment_id": parent.experiment_id, "stage": stage}
+        if isinstance(output, ArtifactRef):
+            result["output"] = output.model_dump(mode="json")
+        else:
+            result |= output
+            result["report"] = report(ctx)
+    return result
+
