@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -65,6 +66,32 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def process_tags() -> dict[str, str]:
+    return {"alignflow.host": socket.gethostname(), "alignflow.pid": str(os.getpid())}
+
+
+def close_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs this machine started whose process is gone (SIGKILL, out of memory, power
+    loss): such a process could not end its runs, and no dead run may stay RUNNING. Their work is
+    not lost: a rerun resumes from the stage's last complete checkpoint."""
+    import psutil
+
+    client = MlflowClient()
+    closed = []
+    query = f"attributes.status = 'RUNNING' and tags.`alignflow.host` = '{socket.gethostname()}'"
+    for run in client.search_runs([experiment_id], query, max_results=1000):
+        pid = int(run.data.tags.get("alignflow.pid", "0") or 0)
+        try:
+            alive = pid > 0 and psutil.Process(pid).create_time() * 1000 <= run.info.start_time + 1000
+        except psutil.Error:
+            alive = False
+        if not alive:
+            client.set_tag(run.info.run_id, "alignflow.closed", f"process {pid} gone; marked KILLED by a later run")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def drop_secrets(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: drop_secrets(v) for k, v in tree.items()
@@ -86,9 +113,9 @@ def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[st
     """The flow run's MLflow run (its RunInfo: run_id, experiment_id). An exception marks it FAILED.
     The resolved config is kept as `config.json` (secrets dropped), for reruns of single stages."""
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
+    close_dead_runs(mlflow.set_experiment(experiment).experiment_id)
     tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **prefect_tags(),
-            **(tags or {})}
+            **process_tags(), **(tags or {})}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         log_params(run.info.run_id, params)
         if config is not None:
@@ -102,7 +129,8 @@ def stage_run(ctx: RunContext, stage: str, params: dict[str, str] | None = None,
     """A child run for one stage, active in this thread so library callbacks log into it."""
     mlflow.set_tracking_uri(tracking_uri())
     tags = {"alignflow.stage": stage, "alignflow.config_hash": ctx.config_hash,
-            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **prefect_tags(), **ctx.tags,
+            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **prefect_tags(), **process_tags(),
+            **ctx.tags,
             **({"alignflow.cache_key": cache_key, "alignflow.cache_hit": "false"} if cache_key else {}),
             **(tags or {})}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id,

@@ -34,11 +34,11 @@ def _summary(results: dict) -> str:
     example = results["examples"][0] if results.get("examples") else None
     answers = "" if example is None else f"\nprompt: {example['prompt']!r} (reference {example['reference']!r})\n" + \
         "\n".join(f"  {stage:<11} -> {answer!r}" for stage, answer in example["answers"].items())
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    page = f"/#/experiments/{results['experiment_id']}/runs/{results['parent_run_id']}"
+    ui = f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000{page}" if uri.startswith("sqlite:") \
+        else f"{uri.rstrip('/')}{page}"
     return (f"\n{_table(results)}\n{answers}\n\nreport: {results.get('report')}\n"
-            f"MLflow parent run: {results['parent_run_id']}\n"
-            f"Open it: {ui}   then http://127.0.0.1:5000/#/experiments/{results['experiment_id']}"
-            f"/runs/{results['parent_run_id']}\n")
+            f"MLflow parent run: {results['parent_run_id']}\nOpen it: {ui}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,14 +75,16 @@ def train_resumable(trainer, trainer_dir: str | Path, stage: str):
     transformers restores model, optimizer, scheduler, RNG and the data position, so the resumed
     run ends at the same global step as an uninterrupted one. Once training has finished the
     checkpoints are removed (they hold optimizer state, several times the model's size)."""
+    import mlflow
+
     checkpoint = last_complete_checkpoint(trainer_dir)
     if checkpoint is not None:
         stage_logger().info("%s: resuming from %s", stage, checkpoint)
-        import mlflow
-
         if mlflow.active_run():
             mlflow.set_tag("alignflow.resumed_from", checkpoint.name)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if mlflow.active_run():
+        mlflow.log_metric("global_step", result.global_step)
     for folder in Path(trainer_dir).glob("checkpoint-*"):  # finished: the saved model replaces them
         shutil.rmtree(folder, ignore_errors=True)
     return result

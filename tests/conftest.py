@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: the tests build their models
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -35,6 +41,81 @@ def mlflow_store(tmp_path, monkeypatch):
     yield uri
     while mlflow.active_run():
         mlflow.end_run("FAILED")
+
+
+BIN = Path(sys.executable).parent  # the venv's console scripts: prefect, mlflow, alignflow
+QUIET = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+         "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on loopback, started in its own process group and stopped with it."""
+
+    def __init__(self, name: str, cmd: list[str], health: str, root: Path, env: dict | None = None,
+                 timeout: float = 120):
+        self.name, self.root, self.log_path = name, root, root / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
+                                     env={**os.environ, **QUIET, **(env or {})}, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(health, timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    pytest.fail(f"{name} did not start: {self.log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on loopback: SQLite backend store, artifacts served over HTTP (--serve-artifacts)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    server = Server("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
+                    f"http://127.0.0.1:{port}/health", root)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """`prefect server start` on loopback with its own home and SQLite database; yields its API URL."""
+    root = tmp_path_factory.mktemp("prefect_server")
+    port = free_port()
+    env = {"PREFECT_HOME": str(root / "home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}"}
+    server = Server("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    f"http://127.0.0.1:{port}/api/health", root, env)
+    yield f"http://127.0.0.1:{port}/api"
+    server.stop()
+
+
+@pytest.fixture
+def servers_env(prefect_api, mlflow_server, tmp_path):
+    """Environment for a subprocess that talks to the real servers over HTTP."""
+    return {**os.environ, **QUIET, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server,
+            "PREFECT_HOME": str(tmp_path / "prefect_home")}
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,8 @@
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -21,35 +19,6 @@ pytestmark = pytest.mark.slow
 SECTIONS = ["## Stages", "## Accuracy per task type", "## Base-model selection", "## Preference pairs",
             "## Training curves", "## Same prompts, every model"]
 PLOTS = ["accuracy_by_task.png", "pair_margins.png", "sft_loss.png", "dpo_curves.png"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` as its own process on loopback: SQLite backend, artifacts served over HTTP."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,120 @@
+"""Resume and termination, for real: flows run as `alignflow run` processes against real Prefect and
+MLflow servers, and are killed with SIGKILL / SIGTERM mid-training."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from alignflow.config import load_config
+from flows.pipeline import align
+from tasks import COMPLETE_MARKER, last_complete_checkpoint
+from tests.conftest import BIN, SMOKE
+
+pytestmark = pytest.mark.slow
+# SFT long enough to be killed in the middle (30 epochs of the smoke data), a checkpoint every 25 steps
+LONG_SFT = ["sft.trainer.num_train_epochs=30", "sft.checkpoint_steps=25", "dpo.trainer.num_train_epochs=0.2",
+            "eval.pass_k=0"]
+
+
+def test_only_complete_checkpoints_are_resumed_from(tmp_path):
+    for step, complete in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if complete:
+            (folder / COMPLETE_MARKER).write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-40").mkdir()
+    (tmp_path / "checkpoint-40" / COMPLETE_MARKER).write_text("{trunc")  # killed while writing the marker
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert last_complete_checkpoint(tmp_path / "nothing") is None
+
+
+def start_flow(out: Path, experiment: str, env: dict) -> subprocess.Popen:
+    cmd = [str(BIN / "alignflow"), "run", str(SMOKE), f"output_dir={out}", f"experiment={experiment}", *LONG_SFT]
+    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=open(out.parent / f"{experiment}.log", "a"),
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 240) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = list(out.glob(f"stages/sft-*/trainer/checkpoint-*/{COMPLETE_MARKER}"))
+        if done:
+            return done[0].parent
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no complete SFT checkpoint appeared (exit code {proc.poll()})")
+
+
+def runs(experiment: str):
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_sigkill_mid_training_then_rerun_resumes_to_the_same_step(servers_env, tmp_path, prefect_server,
+                                                                  monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start_flow(out, "resume", servers_env)
+    checkpoint = wait_for_checkpoint(proc, out)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # a checkpoint killed while being written: a directory without the marker, numbered beyond the last
+    half = checkpoint.parent / "checkpoint-100000"
+    half.mkdir()
+    (half / "trainer_state.json").write_text('{"global_step": 100')
+
+    rerun = start_flow(out, "resume", servers_env)
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers_env["MLFLOW_TRACKING_URI"])
+    all_runs = runs("resume")
+    assert not [r for r in all_runs if r.info.status == "RUNNING"]
+    sft_runs = sorted((r for r in all_runs if r.info.run_name == "sft"), key=lambda r: r.info.start_time)
+    killed, resumed = sft_runs
+    assert killed.info.status == "KILLED" and "alignflow.closed" in killed.data.tags
+    assert resumed.info.status == "FINISHED"
+    resumed_from = resumed.data.tags["alignflow.resumed_from"]
+    assert resumed_from.startswith("checkpoint-") and resumed_from != half.name
+    assert int(resumed_from.split("-")[1]) >= int(checkpoint.name.split("-")[1])
+    assert resumed.data.tags["alignflow.cache_key"] == killed.data.tags["alignflow.cache_key"]
+
+    # an uninterrupted run of the same stage ends at the same global step
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'reference.db'}")
+    reference = align(load_config(SMOKE, [f"output_dir={tmp_path / 'reference'}", "experiment=ref", *LONG_SFT]))
+    ref_sft = next(r for r in runs("ref") if r.info.run_name == "sft"
+                   and r.data.tags["mlflow.parentRunId"] == reference["parent_run_id"])
+    assert "alignflow.resumed_from" not in ref_sft.data.tags
+    assert resumed.data.metrics["global_step"] == ref_sft.data.metrics["global_step"] > 25
+
+
+def test_sigterm_leaves_no_run_running(servers_env, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start_flow(out, "terminated", servers_env)
+    wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers_env["MLFLOW_TRACKING_URI"])
+    all_runs = runs("terminated")
+    statuses = {r.info.run_name: r.info.status for r in all_runs}
+    assert statuses["sft"] in ("FAILED", "KILLED")
+    assert all(s in ("FINISHED", "FAILED", "KILLED") for s in statuses.values()), statuses
+    parent = next(r for r in all_runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status in ("FAILED", "KILLED")
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: servers_env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(parent.data.tags["prefect.flow_run_id"]).state
+    assert state.type.value in ("CRASHED", "CANCELLED"), state
