@@ -182,7 +182,7 @@ class PipelineConfig(Section):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for key in parents:
@@ -214,7 +214,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return validate_config(tree, source=str(path))
 
 

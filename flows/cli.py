@@ -6,6 +6,10 @@
     alignflow report RUN_ID [--out DIR]               rebuild a run's report from MLflow
     alignflow stage NAME --from-run RUN_ID [CONFIG] [dotted.key=value ...]
                                                       rerun one stage on an earlier run's outputs
+    alignflow deploy --pool NAME [CONFIG] [dotted.key=value ...] [--cron EXPR | --interval SECONDS]
+                                                      Prefect deployments (infra/deployments.yaml)
+    alignflow serve [CONFIG] [dotted.key=value ...] [--cron EXPR | --interval SECONDS]
+                                                      serve them from this machine, schedules included
 
 The tracking store is $MLFLOW_TRACKING_URI, else ./mlflow.db; `--tracking-uri` overrides both.
 """
@@ -62,11 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                    help="a config file (default: the source run's recorded config), then overrides")
+    for name in ("deploy", "serve"):
+        p = sub.add_parser(name, help="create Prefect deployments for a work pool" if name == "deploy"
+                           else "serve the deployments from this process until stopped")
+        if name == "deploy":
+            p.add_argument("--pool", required=True, help="Prefect work pool (e.g. of type process)")
+        p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
+                       help="the scheduled run's config (default: infra/deployments.yaml's) and overrides")
+        when = p.add_mutually_exclusive_group()
+        when.add_argument("--cron", help="cron schedule of the whole flow, e.g. '0 3 * * *'")
+        when.add_argument("--interval", type=float, help="schedule every N seconds instead")
+        p.add_argument("--file", default=None, help="deployments file (default infra/deployments.yaml)")
     # `stage NAME --from-run ID CONFIG k=v`: argparse gives positionals after an option back as extras
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "stage":
+    if extra and args.command not in ("stage", "deploy", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "stage":
+    if args.command in ("stage", "deploy", "serve"):
         args.rest = [*args.rest, *extra]
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
@@ -75,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return _records_command(args)
     if args.command == "stage":
         return _stage_command(args)
+    if args.command in ("deploy", "serve"):
+        return _deploy_command(args)
 
     from alignflow.config import ConfigError, load_config
 
@@ -117,6 +134,30 @@ def _stage_command(args) -> int:
     print(_table(result) if "metrics" in result else f"{args.name}: {result['output']['uri']} "
           f"({result['output']['digest'][:19]})")
     print(f"MLflow parent run: {result['parent_run_id']} (rerun of {args.from_run})")
+    return 0
+
+
+def _deploy_command(args) -> int:
+    from pydantic import ValidationError
+
+    from alignflow.config import ConfigError
+    from flows import deploy
+
+    config = args.rest[0] if args.rest and "=" not in args.rest[0] else None
+    overrides = args.rest[1:] if config else args.rest
+    try:
+        spec = deploy.declared(args.file or deploy.DECLARED, config, overrides, args.cron, args.interval)
+    except (ConfigError, ValidationError, OSError) as err:
+        print(f"alignflow {args.command}: {err}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        deploy.serve(spec)
+        return 0
+    ids = deploy.deploy(spec, args.pool)
+    names = [f"align/{spec.pipeline.name}"] + [f"align-stage/{spec.stages.prefix}{s}" for s in spec.stages.names]
+    for name, deployment_id in zip(names, ids):
+        print(f"{name}  {deployment_id}")
+    print(f"start a worker: prefect worker start --pool {args.pool}")
     return 0
 
 

@@ -16,7 +16,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from alignflow.caching import RecordedKey, Uncacheable, stage_key
-from alignflow.config import PipelineConfig
+from alignflow.config import PipelineConfig, load_config, parse_overrides, set_dotted, validate_config
 from alignflow.modeling import pick_device
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import RunContext, flatten, parent_run, record_cache_hit, stale_reason
@@ -90,9 +90,25 @@ def run_context(config: PipelineConfig, parent: RunInfo) -> RunContext:
                       config_hash=config.digest(), device=pick_device(config.device))
 
 
+def resolve_config(config: PipelineConfig | str, overrides: list[str] | None) -> PipelineConfig:
+    """A config model as is, or a YAML path (relative to the working directory), then the overrides."""
+    if isinstance(config, str):
+        return load_config(config, overrides or [])
+    if not overrides:
+        return config
+    tree = config.model_dump(mode="json")
+    for key, value in parse_overrides(overrides):
+        set_dotted(tree, key, value)
+    return validate_config(tree, source="flow parameters")
+
+
 @flow(name="align")
-def align(config: PipelineConfig) -> dict:
-    """Load data -> select base -> SFT -> sample -> rank -> DPO (and baselines) -> evaluate -> report."""
+def align(config: PipelineConfig | str = "configs/default.yaml", overrides: list[str] | None = None) -> dict:
+    """Load data -> select base -> SFT -> sample -> rank -> DPO (and baselines) -> evaluate -> report.
+
+    `config` is the whole config (the Prefect UI shows it as a form) or the path of a YAML file;
+    `overrides` are dotted.key=value strings applied on top."""
+    config = resolve_config(config, overrides)
     with parent_run(config.experiment, flow_run.name or "align", config.digest(), flatten(config),
                     config=config.model_dump(mode="json")) as parent:
         ctx = run_context(config, parent)

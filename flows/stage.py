@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from alignflow.config import ConfigError, PipelineConfig, load_config, validate_config
+from alignflow.config import ConfigError, PipelineConfig, load_config, parse_overrides, set_dotted, validate_config
 from alignflow.refs import ArtifactRef, DatasetRef, ModelRef
 from alignflow.tracking import flatten, parent_run, tracking_uri
 from flows.pipeline import run_context, run_stage
@@ -82,11 +82,9 @@ class SourceRun:
 def stage_config(source: SourceRun, config: str | None, overrides: list[str]) -> PipelineConfig:
     if config:
         return load_config(config, overrides)
-    from alignflow.config import _set_dotted, parse_overrides
-
     tree = source.config()
     for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return validate_config(tree, source=f"config of run {source.run.info.run_id}")
 
 

@@ -1,0 +1,122 @@
+"""Prefect deployments: the whole flow on a schedule, and one deployment per stage for manual reruns.
+
+    alignflow deploy --pool NAME [CONFIG] [dotted.key=value ...] [--cron "0 3 * * *" | --interval S]
+    prefect worker start --pool NAME           # runs them (process work pool)
+    alignflow serve [CONFIG] [dotted.key=value ...] [--cron ... | --interval S]   # one machine, no pool
+
+What gets deployed is declared in infra/deployments.yaml; the flags override it. Deployments run
+`flows/pipeline.py:align` (parameters: `config`, a YAML path relative to the repository root or the
+whole config as a form, and `overrides`) and `flows/stage.py:align_stage` (`stage` fixed per
+deployment, `from_run` given at run time):
+
+    prefect deployment run align/pipeline --param overrides='["dpo.trainer.beta=0.2"]'
+    prefect deployment run align-stage/stage-dpo --param from_run=<MLflow run id>
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ROOT = Path(__file__).resolve().parents[1]
+DECLARED = ROOT / "infra" / "deployments.yaml"
+
+
+class PipelineDeployment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "pipeline"
+    config: str = "configs/default.yaml"
+    overrides: list[str] = []
+    cron: str | None = None
+    interval: float | None = Field(default=None, gt=0)  # seconds
+    timezone: str = "UTC"
+    concurrency_limit: int | None = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> PipelineDeployment:
+        if self.cron and self.interval:
+            raise ValueError("give either cron or interval, not both")
+        return self
+
+    def schedules(self) -> list:
+        from prefect.schedules import Cron, Interval
+
+        if self.cron:
+            return [Cron(self.cron, timezone=self.timezone)]
+        return [Interval(timedelta(seconds=self.interval))] if self.interval else []
+
+
+class StageDeployments(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix: str = "stage-"
+    names: list[str] = ["select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate"]
+
+
+class Deployments(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pipeline: PipelineDeployment = PipelineDeployment()
+    stages: StageDeployments = StageDeployments()
+
+
+def declared(path: str | Path = DECLARED, config: str | None = None, overrides: list[str] | None = None,
+             cron: str | None = None, interval: float | None = None) -> Deployments:
+    """infra/deployments.yaml with the command line's values on top; the config is validated now."""
+    from alignflow.config import load_config
+
+    spec = Deployments.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+    update: dict = {}
+    if config:
+        update["config"] = config
+    if overrides:
+        update["overrides"] = list(overrides)
+    if cron or interval:
+        update |= {"cron": cron, "interval": interval}
+    spec.pipeline = PipelineDeployment.model_validate(spec.pipeline.model_dump() | update)
+    config_path = Path(spec.pipeline.config)
+    load_config(config_path if config_path.is_absolute() else ROOT / config_path, spec.pipeline.overrides)
+    return spec
+
+
+def _pipeline_kwargs(spec: Deployments) -> dict:
+    p = spec.pipeline
+    return dict(name=p.name, schedules=p.schedules(), concurrency_limit=p.concurrency_limit, tags=["alignflow"],
+                parameters={"config": p.config, "overrides": p.overrides},
+                description="The whole alignment flow: base selection, SFT, sampling, ranking, DPO, evaluation.")
+
+
+def _stage_kwargs(spec: Deployments, stage: str) -> dict:
+    return dict(name=f"{spec.stages.prefix}{stage}", parameters={"stage": stage}, tags=["alignflow", "stage"],
+                description=f"Rerun `{stage}` alone; from_run = the MLflow run id of the flow run to take inputs from.")
+
+
+def deploy(spec: Deployments, pool: str) -> list[str]:
+    """Create/update the deployments on the Prefect server for a work pool; returns their ids."""
+    from flows.pipeline import align
+    from flows.stage import align_stage
+
+    source = str(ROOT)
+    pipeline = align.from_source(source=source, entrypoint="flows/pipeline.py:align")
+    ids = [pipeline.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False,
+                           **_pipeline_kwargs(spec))]
+    stage_flow = align_stage.from_source(source=source, entrypoint="flows/stage.py:align_stage")
+    for stage in spec.stages.names:
+        ids.append(stage_flow.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False,
+                                     **_stage_kwargs(spec, stage)))
+    return [str(i) for i in ids]
+
+
+def serve(spec: Deployments) -> None:
+    """Serve the deployments from this process (schedules included) until interrupted."""
+    import os
+
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline import align
+    from flows.stage import align_stage
+
+    os.chdir(ROOT)  # relative config paths name files in the repository, as for work-pool runs
+    prefect_serve(align.to_deployment(**_pipeline_kwargs(spec)),
+                  *(align_stage.to_deployment(**_stage_kwargs(spec, s)) for s in spec.stages.names))

@@ -1,0 +1,101 @@
+"""Scheduled and manual runs through real Prefect deployments: a process work pool, a worker, the
+`alignflow deploy` command and Prefect's own CLI, against real Prefect and MLflow servers."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows import deploy
+from tests.conftest import BIN, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_declared_deployments_validate_and_flags_override():
+    spec = deploy.declared()
+    assert spec.pipeline.cron and spec.pipeline.config == "configs/default.yaml"
+    assert "dpo" in spec.stages.names and "evaluate" in spec.stages.names
+    spec = deploy.declared(config="configs/smoke.yaml", overrides=["seed=3"], interval=30)
+    assert spec.pipeline.cron is None and spec.pipeline.interval == 30 and spec.pipeline.overrides == ["seed=3"]
+    from alignflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no_such_key"):
+        deploy.declared(config="configs/smoke.yaml", overrides=["no_such_key=1"])
+
+
+def flow_runs(api_url: str, deployment_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def pause(api_url: str, deployment_id: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        client.pause_deployment(deployment_id)
+
+
+def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path, monkeypatch):
+    env = {**servers_env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+    api = env["PREFECT_API_URL"]
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "alignflow-test", "--type", "process"], env=env,
+                   check=True, capture_output=True)
+    out = tmp_path / "out"
+    made = subprocess.run([str(BIN / "alignflow"), "deploy", "--pool", "alignflow-test", "configs/smoke.yaml",
+                           f"output_dir={out}", "experiment=scheduled", "eval.pass_k=0",
+                           "dpo.trainer.num_train_epochs=0.2", "--interval", "10"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    ids = dict(line.split() for line in made.stdout.splitlines() if line.startswith("align"))
+    pipeline_id, rank_id = ids["align/pipeline"], ids["align-stage/stage-rank"]
+
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-test", "--limit", "1"],
+                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            done = [r for r in flow_runs(api, pipeline_id) if r.state and r.state.is_final()]
+            if done:
+                break
+            time.sleep(2)
+        pause(api, pipeline_id)  # one scheduled run is enough
+        assert done, (tmp_path / "worker.log").read_text()[-4000:]
+        run = done[0]
+        assert run.state.is_completed(), (run.state, (tmp_path / "worker.log").read_text()[-4000:])
+        assert run.auto_scheduled  # made by the schedule, not by hand
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name("scheduled")
+        parents = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+        parent = next(r for r in parents if "mlflow.parentRunId" not in r.data.tags)
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["prefect.deployment_id"] == pipeline_id
+        assert parent.data.params["eval.pass_k"] == "0"  # the deployment's overrides reached the run
+
+        # a manual rerun of one stage through Prefect's own CLI and the per-stage deployment
+        manual = subprocess.run([str(BIN / "prefect"), "deployment", "run", "align-stage/stage-rank",
+                                 "--params", json.dumps({"from_run": parent.info.run_id}), "--watch",
+                                 "--watch-timeout", "300"], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert manual.returncode == 0, manual.stdout[-3000:] + manual.stderr[-3000:]
+        reruns = client.search_runs([exp.experiment_id], f"tags.`alignflow.rerun_of` = '{parent.info.run_id}'")
+        rerun_parent = next(r for r in reruns if "mlflow.parentRunId" not in r.data.tags)
+        assert rerun_parent.info.status == "FINISHED"
+        assert rerun_parent.data.tags["prefect.deployment_id"] == rank_id
+        assert rerun_parent.data.tags["alignflow.rerun_stage"] == "rank"
+        assert {r.info.run_name for r in reruns if "mlflow.parentRunId" in r.data.tags} == {"rank"}
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()
