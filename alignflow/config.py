@@ -163,6 +163,17 @@ class EvalSection(Section):
     report_prompts: int = Field(default=5, ge=0)  # eval prompts answered side by side in the report
 
 
+class RegistrySection(Section):
+    """MLflow Model Registry: SFT and DPO models are registered; each new DPO model is `challenger`,
+    and `champion` moves to it only if the lower bound of the 95% bootstrap interval of its held-out
+    accuracy minus the champion's (same prompts, paired) is above `min_gain`."""
+
+    enabled: bool = True
+    sft_model: str | None = None  # registered model names; default <experiment>-sft / <experiment>-dpo
+    dpo_model: str | None = None
+    min_gain: float = Field(default=0.0, ge=0)
+
+
 class PipelineConfig(Section):
     experiment: str = "alignflow"
     seed: int = 0
@@ -176,6 +187,7 @@ class PipelineConfig(Section):
     rank: RankSection = RankSection()
     dpo: DPOSection = DPOSection()
     eval: EvalSection
+    registry: RegistrySection = RegistrySection()
 
     def digest(self) -> str:
         """Content hash of the resolved config: the `config_hash` tag on every MLflow run."""

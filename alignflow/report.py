@@ -141,6 +141,18 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     if curves:
         sections += ["## Training curves", *curves]
 
+    if "promotion.promoted" in m:
+        p = {k.removeprefix("promotion."): v for k, v in m.items() if k.startswith("promotion.")}
+        decision = rec.parent.data.tags.get("alignflow.promotion", "?")
+        line = (f"**{decision}**: challenger v{int(p['challenger_version'])}, champion now "
+                f"v{int(p['champion_version'])} (MLflow Model Registry; SFT model v{int(p.get('sft_version', 0))}).")
+        if "delta" in p:
+            line += (f" Challenger {_fmt(p['challenger_accuracy'])} vs champion v{int(p['previous_champion_version'])} "
+                     f"{_fmt(p['champion_accuracy'])} on these eval prompts: Δ {p['delta']:+.3f} "
+                     f"[{_fmt(p['delta_ci95_low'])}, {_fmt(p['delta_ci95_high'])}]; the champion moves only if "
+                     "the interval's lower bound is above the configured minimum gain.")
+        sections += ["## Promotion", line]
+
     results = _eval_results(rec)
     if results and results.get("examples"):
         shown = [n for n in models if n in results["examples"][0]["answers"]]

@@ -264,9 +264,3 @@ class MlflowMetricsCallback(TrainerCallback):
         while self.buffer:
             client.log_batch(self.run_id, metrics=self.buffer[:1000])
             self.buffer = self.buffer[1000:]
-
-
-def log_model_dir(path: str | Path, artifact_path: str = "model") -> str:
-    """Log a saved model/adapter dir (weights, tokenizer, chat template); returns its runs:/ URI."""
-    mlflow.log_artifacts(str(path), artifact_path)
-    return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}"

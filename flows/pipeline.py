@@ -1,5 +1,5 @@
 """The alignment flow: base-model selection -> SFT -> sampling -> ranking -> DPO (k rounds) -> evaluation
--> run report.
+-> registry and promotion -> run report.
 
     alignflow run configs/default.yaml [dotted.key=value ...]
 
@@ -23,6 +23,7 @@ from alignflow.tracking import RunContext, flatten, parent_run, record_cache_hit
 from tasks.dpo import dpo
 from tasks.evaluate import evaluate
 from tasks.load_data import load_data
+from tasks.promote import promote
 from tasks.rank import rank
 from tasks.report import report
 from tasks.sample import sample
@@ -126,5 +127,8 @@ def align(config: PipelineConfig | str = "configs/default.yaml", overrides: list
             models |= trained if variant == "dpo" else {variant: trained[variant]}
         results = run_stage(evaluate, config, ctx, cfg=config.eval, models=models, data=data["eval"],
                             rank_cfg=config.rank)
+        if config.registry.enabled:  # registry state changes between runs: never cached
+            results["promotion"] = promote(config.registry, config.experiment, sft_model, models["dpo"],
+                                           data["eval"], config.eval, results["correct"]["dpo"], ctx)
         results["report"] = report(ctx)
     return {"parent_run_id": parent.run_id, "experiment_id": parent.experiment_id, **results}

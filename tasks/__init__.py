@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from alignflow.modeling import stop_token_ids
 from alignflow.refs import ModelRef, digest_path
-from alignflow.tracking import log_model_dir, record_output
+from alignflow.tracking import record_output
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -31,7 +31,10 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adap
     trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer, trainer.model)
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-    ref = ModelRef(uri=log_model_dir(model_dir), digest=digest_path(model_dir), run_id=run_id,
+    from tasks.transfer import call, upload_artifacts
+
+    uri = call(upload_artifacts, str(model_dir), "model", run_id)  # retried on transient failures
+    ref = ModelRef(uri=uri, digest=digest_path(model_dir), run_id=run_id,
                    local_path=str(model_dir), is_adapter=is_adapter)
     record_output(ref)
     return ref

@@ -47,6 +47,14 @@ def score_answers(rows: list[dict], answers: list[dict], ranker
     return {k: float(v) for k, v in metrics.items()}, correct, rewards
 
 
+def greedy_answers(path: str, prompts: list, cfg: EvalSection, device: str, label: str):
+    """(model, tokenizer, answers): one greedy answer per prompt, with the eval section's settings."""
+    model, tokenizer = load_causal_lm(path, device), load_tokenizer(path)
+    answers = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size, progress=f"eval {label}")]
+    return model, tokenizer, answers
+
+
 def pass_at_k(rows: list[dict], samples: list[list[dict]], k: int) -> dict[str, float]:
     """Share of prompts where any of k sampled answers is correct, overall and per task type."""
     hits = np.array([any(is_correct(s["text"], r["completion"][0]["content"]) for s in outs)
@@ -87,10 +95,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         prompts = [r["prompt"] for r in rows]
         references = [r["completion"][0]["content"] for r in rows]
         for name, ref in models.items():
-            path = ref.resolve()
-            model, tokenizer = load_causal_lm(path, ctx.device), load_tokenizer(path)
-            answers = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                              batch_size=cfg.batch_size, progress=f"eval {name}")]
+            model, tokenizer, answers = greedy_answers(ref.resolve(), prompts, cfg, ctx.device, name)
             metrics, correct[name], ranked = score_answers(rows, answers, ranker)
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
             metrics |= {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
@@ -120,6 +125,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                     continue
                 results["metrics"][name] |= versus(correct[name], correct["sft"], rewards[name], rewards["sft"],
                                                    cfg.bootstrap, ctx.seed)
+        results["correct"] = {name: c.tolist() for name, c in correct.items()}  # per prompt, for promotion
         flat = eval_metrics(results)
         log_metrics(run_id, flat)
         log_metrics(ctx.parent_run_id, flat)  # the parent run carries the comparison columns

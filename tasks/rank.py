@@ -13,6 +13,7 @@ from alignflow.rankers import Ranker, build_pairs, make_ranker
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
+from tasks.transfer import local_model
 
 
 def score_rows(ranker: Ranker, rows: list[dict]) -> list[list[float]]:
@@ -31,6 +32,8 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
     with stage_run(ctx, name, flatten(cfg, "rank"), cache_key) as run_id:
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
+        if cfg.ranker == "reward_model":  # a hub id is fetched with retries; a local directory is used as is
+            cfg = cfg.model_copy(update={"reward_model": local_model(cfg.reward_model)})
         rewards = score_rows(make_ranker(cfg, ctx.device), rows)
         pairs, ties = build_pairs(rows, rewards, cfg.min_margin, cfg.pairs, ctx.seed)
         if not pairs:

@@ -19,6 +19,7 @@ from alignflow.modeling import load_causal_lm, load_tokenizer
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
+from tasks.transfer import call, hub_snapshot
 
 
 def training_memory_gb(n_params: int, lora: bool, device: str) -> float:
@@ -68,11 +69,16 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
         table = []
         for name in cfg.candidates:
             path = embedded.resolve(spec, name, "model")
+            hub = not Path(path).exists()
+            if hub:  # a hub id: its config first (the budget check), the weights only if it fits
+                path = call(hub_snapshot, name, cfg.revision, ["*.json"])
             n_params = count_params_from_config(path, cfg.trust_remote_code, cfg.revision)
             memory = training_memory_gb(n_params, lora.enabled, ctx.device)
             entry = {"candidate": name, "path": path, "params": n_params, "train_memory_gb": round(memory, 4),
                      "within_budget": memory <= cfg.memory_budget_gb, "text_loss": math.nan, "commit": ""}
             if entry["within_budget"]:
+                if hub:
+                    path = entry["path"] = call(hub_snapshot, name, cfg.revision)
                 tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision)
                 model = load_causal_lm(path, ctx.device, trust_remote_code=cfg.trust_remote_code,
                                        revision=cfg.revision)
@@ -94,9 +100,9 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
         log_metrics(mlflow.active_run().info.run_id,
                     {"chosen.text_loss": chosen["text_loss"], "chosen.params": chosen["params"]})
         logger.info("chose %s (text loss %.4f)", chosen["candidate"], chosen["text_loss"])
-        local = Path(chosen["path"]).is_dir()
-        ref = ModelRef(uri=chosen["path"], local_path=chosen["path"] if local else None,
-                       digest=digest_path(chosen["path"]) if local else f"hub:{chosen['commit']}",
-                       run_id=mlflow.active_run().info.run_id)
+        # a hub model keeps its hub id as URI (other machines fetch it) and its downloaded copy as local path
+        hub = chosen["path"] != embedded.resolve(spec, chosen["candidate"], "model")
+        ref = ModelRef(uri=chosen["candidate"] if hub else chosen["path"], local_path=chosen["path"],
+                       digest=digest_path(chosen["path"]), run_id=mlflow.active_run().info.run_id)
         record_output(ref)
         return ref

@@ -99,3 +99,45 @@ def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path,
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
         log.close()
+
+
+def test_serve_runs_the_schedule_from_one_process(servers_env, tmp_path, monkeypatch):
+    """`alignflow serve`: no work pool, no worker; the schedule fires in the serving process."""
+    declared = tmp_path / "deployments.yaml"
+    declared.write_text("pipeline:\n  name: served\n  interval: 5\nstages:\n  prefix: served-\n  names: [rank]\n")
+    out = tmp_path / "out"
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(BIN / "alignflow"), "serve", "--file", str(declared), "configs/smoke.yaml",
+                               f"output_dir={out}", "experiment=served", "eval.pass_k=0",
+                               "dpo.trainer.num_train_epochs=0.2"],
+                              env=servers_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        deadline, deployment = time.time() + 300, None
+        while time.time() < deadline and server.poll() is None:
+            with temporary_settings({PREFECT_API_URL: servers_env["PREFECT_API_URL"]}), \
+                    get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("align/served")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    deployment = None
+            if deployment:
+                done = [r for r in flow_runs(servers_env["PREFECT_API_URL"], str(deployment.id))
+                        if r.state and r.state.is_final()]
+                if done:
+                    break
+            time.sleep(2)
+        assert deployment and done, (tmp_path / "serve.log").read_text()[-4000:]
+        assert done[0].state.is_completed() and done[0].auto_scheduled
+        client = MlflowClient(tracking_uri=servers_env["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name("served")
+        parent = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{done[0].id}'")
+        assert parent and parent[0].info.status == "FINISHED"
+        assert parent[0].data.tags["prefect.deployment_id"] == str(deployment.id)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()

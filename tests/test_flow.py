@@ -13,7 +13,7 @@ from alignflow.data import DataError
 from flows.pipeline import align
 
 pytestmark = pytest.mark.slow
-STAGES = {"load_data", "select_base", "sft", "sample", "rank", "dpo", "evaluate"}
+STAGES = {"load_data", "select_base", "sft", "sample", "rank", "dpo", "evaluate", "promote"}
 
 
 def runs_of(experiment):

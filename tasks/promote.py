@@ -1,0 +1,80 @@
+"""Stage 7: register the SFT and DPO models in the MLflow Model Registry and decide on promotion.
+
+The new DPO model takes the alias `challenger`. `champion` moves to it only if, on this run's
+held-out prompts with greedy decoding, the lower bound of the 95% paired-bootstrap interval of
+(challenger accuracy - champion accuracy) is above `registry.min_gain`; the champion is evaluated
+here on the same prompts, so a changed eval set cannot favour either. The first DPO model of a
+registered name becomes champion. The decision and its numbers go to this stage's run, the
+parent run (`promotion.*` metrics, `alignflow.promotion` tag) and the run report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+
+from alignflow.config import EvalSection, RegistrySection
+from alignflow.data import read_jsonl
+from alignflow.refs import DatasetRef, ModelRef
+from alignflow.registry import alias_version, register, version_model_dir
+from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from tasks import stage_logger
+from tasks.evaluate import bootstrap_ci, greedy_answers, score_answers
+
+
+def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:
+    return cfg.sft_model or f"{experiment}-sft", cfg.dpo_model or f"{experiment}-dpo"
+
+
+@task(name="promote", cache_policy=NONE)
+def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_model: ModelRef, data: DatasetRef,
+            eval_cfg: EvalSection, challenger_correct: list[float], ctx: RunContext) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from alignflow.rankers import Verifier
+
+    logger = stage_logger()
+    sft_name, dpo_name = registry_names(cfg, experiment)
+    client = MlflowClient()
+    with stage_run(ctx, "promote", flatten(cfg, "registry")) as run_id:
+        rows = read_jsonl(data.resolve())
+        log_dataset(rows, source=data.uri, name="eval", context="promotion")
+        sft_version = register(sft_model, sft_name, ctx.parent_run_id)
+        challenger = register(dpo_model, dpo_name, ctx.parent_run_id)
+        champion = alias_version(dpo_name, "champion")
+        client.set_registered_model_alias(dpo_name, "challenger", challenger.version)
+        decision = {"model": dpo_name, "challenger_version": int(challenger.version),
+                    "sft_model": sft_name, "sft_version": int(sft_version.version)}
+        if champion is None or str(champion.version) == str(challenger.version):
+            promoted = champion is None
+            decision |= {"decision": "first champion" if promoted else "already champion",
+                         "champion_version": int(challenger.version)}
+        else:
+            _, _, answers = greedy_answers(version_model_dir(champion), [r["prompt"] for r in rows], eval_cfg,
+                                           ctx.device, f"champion v{champion.version}")
+            champion_correct = score_answers(rows, answers, Verifier())[1]
+            diff = np.asarray(challenger_correct) - champion_correct
+            low, high = bootstrap_ci(diff, eval_cfg.bootstrap or 1000, ctx.seed)
+            promoted = low > cfg.min_gain
+            decision |= {"decision": "promoted" if promoted else "kept champion",
+                         "champion_version": int(challenger.version if promoted else champion.version),
+                         "previous_champion_version": int(champion.version),
+                         "champion_accuracy": float(champion_correct.mean()),
+                         "challenger_accuracy": float(np.mean(challenger_correct)),
+                         "delta": float(diff.mean()), "delta_ci95_low": low, "delta_ci95_high": high}
+        if promoted:
+            client.set_registered_model_alias(dpo_name, "champion", challenger.version)
+        numbers = {f"promotion.{k}": float(v) for k, v in decision.items() if isinstance(v, (int, float))}
+        numbers["promotion.promoted"] = float(promoted)
+        log_metrics(run_id, numbers)
+        log_metrics(ctx.parent_run_id, numbers)
+        mlflow.set_tag("alignflow.promotion", decision["decision"])
+        MlflowClient().set_tag(ctx.parent_run_id, "alignflow.promotion", decision["decision"])
+        client.set_model_version_tag(dpo_name, challenger.version, "alignflow.promotion", decision["decision"])
+        logger.info("promotion: %s (%s v%s)%s", decision["decision"], dpo_name, challenger.version,
+                    f", delta {decision['delta']:+.3f} [{decision['delta_ci95_low']:.3f}, "
+                    f"{decision['delta_ci95_high']:.3f}] vs v{decision['previous_champion_version']}"
+                    if "delta" in decision else "")
+        return decision
