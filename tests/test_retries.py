@@ -33,6 +33,7 @@ def test_upload_retries_transient_failures(prefect_server, tmp_path, monkeypatch
     def upload(run_id: str) -> str:
         return fast(transfer.upload_artifacts)(str(tmp_path / "model"), "model", run_id)
 
+    mlflow.set_experiment("retries")
     with mlflow.start_run() as run:
         assert upload(run.info.run_id) == f"runs:/{run.info.run_id}/model"
     assert len(calls) == 3
