@@ -145,6 +145,8 @@ def _deploy_command(args) -> int:
 
     config = args.rest[0] if args.rest and "=" not in args.rest[0] else None
     overrides = args.rest[1:] if config else args.rest
+    if config and os.path.exists(config):  # a file named from here; otherwise relative to the repository
+        config = os.path.abspath(config)
     try:
         spec = deploy.declared(args.file or deploy.DECLARED, config, overrides, args.cron, args.interval)
     except (ConfigError, ValidationError, OSError) as err:

@@ -19,7 +19,7 @@ from alignflow.modeling import load_causal_lm, load_tokenizer
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
-from tasks.transfer import call, hub_snapshot
+from tasks.transfer import CODE_FILES, WEIGHT_FILES, call, hub_snapshot
 
 
 def training_memory_gb(n_params: int, lora: bool, device: str) -> float:
@@ -78,7 +78,8 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
                      "within_budget": memory <= cfg.memory_budget_gb, "text_loss": math.nan, "commit": ""}
             if entry["within_budget"]:
                 if hub:
-                    path = entry["path"] = call(hub_snapshot, name, cfg.revision)
+                    patterns = WEIGHT_FILES + (CODE_FILES if cfg.trust_remote_code else [])
+                    path = entry["path"] = call(hub_snapshot, name, cfg.revision, patterns)
                 tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision)
                 model = load_causal_lm(path, ctx.device, trust_remote_code=cfg.trust_remote_code,
                                        revision=cfg.revision)

@@ -16,6 +16,7 @@ from prefect.tasks import exponential_backoff
 
 RETRIES = 4  # 5 attempts, ~2, 4, 8, 16 s apart (+-50% jitter)
 WEIGHT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # never pickles
+CODE_FILES = ["*.py"]  # only with trust_remote_code
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -32,7 +33,8 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, MlflowException):  # MLflow wraps HTTP failures; 4xx codes are the caller's fault
         return exc.get_http_status_code() >= 500
-    return isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout, OSError))
+    return isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout,
+                            requests.exceptions.ChunkedEncodingError))
 
 
 def retry_transient(task, task_run, state) -> bool:

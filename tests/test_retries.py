@@ -84,6 +84,7 @@ def test_classification_and_training_policy():
     assert not transfer.is_transient(requests.HTTPError(response=response))
     assert transfer.is_transient(TimeoutError())
     assert not transfer.is_transient(ValueError("bad row"))
+    assert not transfer.is_transient(FileNotFoundError("outputs/model"))
     # training resumes from checkpoints instead of starting over
     assert sft.retries == 0 and dpo.retries == 0
     assert transfer.hub_snapshot.retries == transfer.upload_artifacts.retries == transfer.RETRIES
