@@ -123,6 +123,26 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def shared_prefix(model, batch: dict, n: int) -> dict:
+    """Several samples per prompt without computing the prompt n times: one forward pass over each
+    prompt (all but its last token) fills the KV cache, which is then repeated n times; generate()
+    continues from it. `num_return_sequences=n` would repeat the prompts first and prefill each copy.
+    Hand-written because transformers' generate has no prompt sharing."""
+    from transformers import DynamicCache
+
+    import inspect
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = DynamicCache(config=model.config)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding, as generate() computes them
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+          **{key: cache})
+    cache.batch_repeat_interleave(n)
+    return {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0),
+            key: cache}
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], *, num_return_sequences: int = 1,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32,
@@ -146,8 +166,13 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, num_return_sequence
     for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None):
         idx = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(model.device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
+        if num_return_sequences > 1:
+            batch = shared_prefix(model, batch, num_return_sequences)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
+        else:
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
         for row, tokens in enumerate(new_tokens):
             cut = next((k for k, t in enumerate(tokens) if t in stops), None)

@@ -194,3 +194,18 @@ def test_tokenizer_without_chat_template_gets_one_that_stops(tiny_model_path, tm
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "nomel revir"}], tokenize=False)
     assert asked.endswith("### assistant:\n")
     assert full.startswith(asked) and full.rstrip().endswith("nomel revir" + tokenizer.eos_token)
+
+
+def test_shared_prompt_sampling_matches_one_prompt_at_a_time(tiny_model_path, smoke_data):
+    """Several samples per prompt share one prefill of the prompt (left-padded batch of different
+    lengths); greedy decoding shows it continues exactly where a plain generate would."""
+    from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_path, "cpu"), load_tokenizer(tiny_model_path)
+    prompts = [r["prompt"] for r in smoke_data["eval"][:6]]
+    assert len({len(str(p)) for p in prompts}) > 1
+    one = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=6)
+    shared = generate(model, tokenizer, prompts, num_return_sequences=3, max_new_tokens=8, batch_size=6)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0][0]["text"] for p in prompts]
+    assert [[c["text"] for c in cands] for cands in shared] == [[a["text"]] * 3 for [a] in one]
+    assert [a["text"] for [a] in one] == alone
