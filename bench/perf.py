@@ -382,7 +382,10 @@ def write_results(results: dict, out: Path, repeats: int, command: str, wall: fl
             continue
         lines += ["", f"## {name}", "", "| variant | median s | real tokens | tokens/s |", "|---|---|---|---|"]
         lines += [f"| {v} | {m['seconds']:.2f} | {m['tokens']:,.0f} | {m['tok_s']:,.0f} |" for v, m in variants.items()]
-    out.write_text("\n".join(lines) + "\n")
+    kept = ""  # the hand-written reading below the tables survives a rerun
+    if out.exists() and "\n## Reading" in out.read_text():
+        kept = "\n## Reading" + out.read_text().split("\n## Reading", 1)[1]
+    out.write_text("\n".join(lines) + "\n" + kept)
 
 
 def main() -> None:
