@@ -8,6 +8,7 @@ is (so TRL's documentation is ours); their names are checked here, their values 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,10 @@ _Yaml12Loader.add_implicit_resolver(
 
 def _load_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
+
+
+# the stages `alignflow stage NAME` reruns alone (rft / dpo_no_sft: the DPO stage's baselines)
+STAGES = ("select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -225,12 +230,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for key, value in parse_overrides(list(overrides)):
-        set_dotted(tree, key, value)
-    return validate_config(tree, source=str(path))
+    return validate_config(tree, source=str(path), overrides=overrides)
 
 
-def validate_config(tree: dict, source: str = "config") -> PipelineConfig:
+def validate_config(tree: dict, source: str = "config", overrides: list[str] = ()) -> PipelineConfig:
+    """A config tree (left unchanged) with dotted overrides applied, validated."""
+    if overrides:
+        tree = copy.deepcopy(tree)
+        for key, value in parse_overrides(list(overrides)):
+            set_dotted(tree, key, value)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:

@@ -128,9 +128,9 @@ def shared_prefix(model, batch: dict, n: int) -> dict:
     prompt (all but its last token) fills the KV cache, which is then repeated n times; generate()
     continues from it. `num_return_sequences=n` would repeat the prompts first and prefill each copy.
     Hand-written because transformers' generate has no prompt sharing."""
-    from transformers import DynamicCache
-
     import inspect
+
+    from transformers import DynamicCache
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cache = DynamicCache(config=model.config)
@@ -166,13 +166,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, num_return_sequence
     for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None):
         idx = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(model.device)
-        if num_return_sequences > 1:
+        if num_return_sequences > 1:  # rows come back already repeated, one per candidate
             batch = shared_prefix(model, batch, num_return_sequences)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
-        else:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
         for row, tokens in enumerate(new_tokens):
             cut = next((k for k, t in enumerate(tokens) if t in stops), None)

@@ -158,6 +158,13 @@ def eval_metrics(results: dict) -> dict[str, float]:
     return {f"{name}.{k}": v for name, m in results["metrics"].items() for k, v in m.items()}
 
 
+def output_source(output) -> str | None:
+    """The MLflow run that made a stage output: a reference's run, or evaluate's own run."""
+    from alignflow.refs import ArtifactRef
+
+    return output.run_id if isinstance(output, ArtifactRef) else output.get("eval_run_id")
+
+
 def stale_reason(output) -> str | None:
     """Why a cached stage output cannot be served (None: it can): the run that made it is gone, or
     neither its local copy nor its MLflow artifact is there. Consumers still check the content digest
@@ -166,7 +173,7 @@ def stale_reason(output) -> str | None:
 
     from alignflow.refs import ArtifactRef
 
-    source = output.run_id if isinstance(output, ArtifactRef) else output.get("eval_run_id")
+    source = output_source(output)
     client = MlflowClient()
     try:
         if source is None or client.get_run(source).info.lifecycle_stage == "deleted":
@@ -178,7 +185,7 @@ def stale_reason(output) -> str | None:
     if output.local_path and Path(output.local_path).exists():
         return None
     run_id, _, path = output.uri.removeprefix("runs:/").partition("/")
-    parent, _, leaf = path.rpartition("/")
+    parent = path.rpartition("/")[0]
     if not any(a.path == path for a in client.list_artifacts(run_id, parent or None)):
         return f"artifact {output.uri} missing"
     return None
@@ -189,8 +196,7 @@ def record_cache_hit(ctx: RunContext, name: str, cache_key: str, output) -> str:
     evaluation hit puts its metrics on this flow run's parent run as a fresh evaluation would."""
     from alignflow.refs import ArtifactRef
 
-    source = output.run_id if isinstance(output, ArtifactRef) else output["eval_run_id"]
-    tags = {"alignflow.cache_hit": "true", "alignflow.cache_source_run": str(source)}
+    tags = {"alignflow.cache_hit": "true", "alignflow.cache_source_run": str(output_source(output))}
     with stage_run(ctx, name, cache_key=cache_key, tags=tags) as run_id:
         if isinstance(output, ArtifactRef):
             record_output(output)

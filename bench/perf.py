@@ -215,23 +215,19 @@ def sample_variants(s: Setup) -> dict:
             total += len(row) if cut is None else cut
         return total
 
-    def per_sample(tmp):
-        model = s.model(s.policy())
+    def baseline(label: str, calls: int, k: int):
+        """`calls` generate calls per prompt, `k` candidates each (calls * k == n)."""
+        def make(tmp):
+            model = s.model(s.policy())
 
-        @torch.inference_mode()
-        def run():
-            torch.manual_seed(0)
-            counted["per_sample"] = sum(one_call(model, p, 1) for p in s.prompts for _ in range(n))
-        return run
+            @torch.inference_mode()
+            def run():
+                torch.manual_seed(0)
+                counted[label] = sum(one_call(model, p, k) for p in s.prompts for _ in range(calls))
+            return run
+        return make
 
-    def per_prompt(tmp):
-        model = s.model(s.policy())
-
-        @torch.inference_mode()
-        def run():
-            torch.manual_seed(0)
-            counted["per_prompt"] = sum(one_call(model, p, n) for p in s.prompts)
-        return run
+    per_sample, per_prompt = baseline("per_sample", n, 1), baseline("per_prompt", 1, n)
 
     return {"tokens": counted, "variants": {"alignflow": alignflow, "per_sample": per_sample,
                                             "per_prompt": per_prompt}}

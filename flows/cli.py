@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from alignflow.config import STAGES
+
 
 def _table(results: dict) -> str:
     lines = [f"{'model':<11} {'accuracy':>9} {'95% CI':>15} {'pass@k':>7} {'mean reward':>12} {'eos rate':>9}"]
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id")
     p.add_argument("--out", default=None, help="directory (default outputs/<run_id>/report)")
     p = sub.add_parser("stage", help="rerun one stage, its inputs from an earlier flow run's outputs")
-    p.add_argument("name", choices=["select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate"])
+    p.add_argument("name", choices=STAGES)
     p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                    help="a config file (default: the source run's recorded config), then overrides")
@@ -116,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [dotted.key=value ...]`: a first word without `=` names a config file."""
+    config = rest[0] if rest and "=" not in rest[0] else None
+    return config, rest[1:] if config else rest
+
+
 def _stage_command(args) -> int:
     from mlflow.exceptions import MlflowException
 
@@ -124,8 +132,7 @@ def _stage_command(args) -> int:
     from alignflow.refs import DigestMismatch
     from flows.stage import align_stage
 
-    config = args.rest[0] if args.rest and "=" not in args.rest[0] else None
-    overrides = args.rest[1:] if config else args.rest
+    config, overrides = _config_and_overrides(args.rest)
     try:
         result = align_stage(args.name, args.from_run, config, overrides)
     except (ConfigError, DataError, LookupError, DigestMismatch, MlflowException) as err:
@@ -143,8 +150,7 @@ def _deploy_command(args) -> int:
     from alignflow.config import ConfigError
     from flows import deploy
 
-    config = args.rest[0] if args.rest and "=" not in args.rest[0] else None
-    overrides = args.rest[1:] if config else args.rest
+    config, overrides = _config_and_overrides(args.rest)
     if config and os.path.exists(config):  # a file named from here; otherwise relative to the repository
         config = os.path.abspath(config)
     try:

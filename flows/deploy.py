@@ -9,8 +9,9 @@ What gets deployed is declared in infra/deployments.yaml; the flags override it.
 whole config as a form, and `overrides`) and `flows/stage.py:align_stage` (`stage` fixed per
 deployment, `from_run` given at run time):
 
-    prefect deployment run align/pipeline --param overrides='["dpo.trainer.beta=0.2"]'
-    prefect deployment run align-stage/stage-dpo --param from_run=<MLflow run id>
+    prefect deployment run align/pipeline --params '{"overrides": ["dpo.trainer.beta=0.2"]}'
+    prefect deployment run align-stage/stage-dpo --params '{"from_run": "<MLflow run id>"}'
+(JSON: `--param from_run=123e4567...` would be read as a number)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignflow.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED = ROOT / "infra" / "deployments.yaml"
@@ -52,7 +55,7 @@ class PipelineDeployment(BaseModel):
 class StageDeployments(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prefix: str = "stage-"
-    names: list[str] = ["select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate"]
+    names: list[str] = list(STAGES)
 
 
 class Deployments(BaseModel):

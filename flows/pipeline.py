@@ -16,7 +16,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from alignflow.caching import RecordedKey, Uncacheable, stage_key
-from alignflow.config import PipelineConfig, load_config, parse_overrides, set_dotted, validate_config
+from alignflow.config import PipelineConfig, load_config, validate_config
 from alignflow.modeling import pick_device
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import RunContext, flatten, parent_run, record_cache_hit, stale_reason
@@ -97,10 +97,7 @@ def resolve_config(config: PipelineConfig | str, overrides: list[str] | None) ->
         return load_config(config, overrides or [])
     if not overrides:
         return config
-    tree = config.model_dump(mode="json")
-    for key, value in parse_overrides(overrides):
-        set_dotted(tree, key, value)
-    return validate_config(tree, source="flow parameters")
+    return validate_config(config.model_dump(mode="json"), source="flow parameters", overrides=overrides)
 
 
 @flow(name="align")

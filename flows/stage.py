@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from alignflow.config import ConfigError, PipelineConfig, load_config, parse_overrides, set_dotted, validate_config
+from alignflow.config import STAGES, ConfigError, PipelineConfig, load_config, validate_config
 from alignflow.refs import ArtifactRef, DatasetRef, ModelRef
 from alignflow.tracking import flatten, parent_run, tracking_uri
 from flows.pipeline import run_context, run_stage
@@ -35,7 +35,7 @@ from tasks.sample import sample
 from tasks.select_base import select_base
 from tasks.sft import sft
 
-StageName = Literal["select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate"]
+StageName = Literal[STAGES]  # a Prefect form choice per stage
 EVALUATED = ("base", "sft", "dpo", "rft", "dpo_no_sft")  # models `stage evaluate` takes, where recorded
 
 
@@ -82,10 +82,7 @@ class SourceRun:
 def stage_config(source: SourceRun, config: str | None, overrides: list[str]) -> PipelineConfig:
     if config:
         return load_config(config, overrides)
-    tree = source.config()
-    for key, value in parse_overrides(overrides):
-        set_dotted(tree, key, value)
-    return validate_config(tree, source=f"config of run {source.run.info.run_id}")
+    return validate_config(source.config(), source=f"config of run {source.run.info.run_id}", overrides=overrides)
 
 
 def stage_inputs(stage: str, config: PipelineConfig, source: SourceRun) -> tuple:
