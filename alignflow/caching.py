@@ -66,7 +66,12 @@ def code_version() -> str:
 
 def model_source(name: str | None, revision: str | None = None) -> str | None:
     """What a model given by name contains: `embedded:` models are built from the config and the
-    code (both in the key already), a local directory by its digest, a hub id only at a pinned commit."""
+    code (both in the key already), a packaged GGUF model and a local directory or file by its digest,
+    a hub id only at a pinned commit."""
+    from alignflow import gguf
+
+    if name is not None and name.removeprefix("embedded:") in gguf.PACKAGED:
+        return digest_path(gguf.packaged_file(name.removeprefix("embedded:")))  # the installed file's content
     if name is None or name.startswith("embedded:"):
         return name
     if Path(name).exists():
@@ -81,7 +86,8 @@ def fingerprint(value: Any) -> Any:
     from alignflow.tracking import RunContext
 
     if isinstance(value, ArtifactRef):
-        return {"kind": value.kind, "digest": value.digest, "is_adapter": value.is_adapter}
+        return {"kind": value.kind, "digest": value.digest, "is_adapter": value.is_adapter,
+                "chat_template": value.chat_template}
     if isinstance(value, RunContext):
         return {"seed": value.seed, "device": value.device}
     if isinstance(value, BaseModel):

@@ -104,6 +104,9 @@ class TrainerSection(Section):
     # a resumable checkpoint every N optimizer steps (0: none); a rerun of a stage that died resumes
     # from the last complete one. `trainer.save_strategy`/`save_steps` override it.
     checkpoint_steps: int = Field(default=200, ge=0)
+    # the attention kernel the model loads with; `auto`: FlashAttention 2 on CUDA when installed (then SFT
+    # batches are padding-free), else PyTorch SDPA. The resolved value is logged with the stage.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
 
     @field_validator("trainer")
     @classmethod
@@ -166,6 +169,9 @@ class EvalSection(Section):
     pass_temperature: float = Field(default=1.0, gt=0)
     bootstrap: int = Field(default=1000, ge=0)  # resamples for the 95% intervals; 0 = none
     report_prompts: int = Field(default=5, ge=0)  # eval prompts answered side by side in the report
+    # who judges the head-to-head against SFT (win rate): the verifier (needs reference answers that are
+    # the one right answer) or the rank stage's ranker (a reward model: open-ended instructions)
+    win_rate_by: Literal["verifier", "ranker"] = "verifier"
 
 
 class RegistrySection(Section):

@@ -37,8 +37,40 @@ def pick_device(setting: str = "auto") -> str:
     return setting if setting != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path, checkpoint_steps: int = 0
-                 ) -> dict[str, Any]:
+def attn_implementation(setting: str, device: str) -> str:
+    """`auto`: FlashAttention 2 on CUDA when the `flash_attn` package is installed (it makes padding-free
+    batches exact), else PyTorch's SDPA, which picks its own flash/memory-efficient kernel on CUDA."""
+    import importlib.util
+
+    if setting != "auto":
+        return setting
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def cuda_trainer_defaults(trl_config: str, user: dict[str, Any], attn: str, bf16: bool | None = None
+                          ) -> dict[str, Any]:
+    """What a user of a CUDA card expects unless the config says otherwise: bf16 where the card has it,
+    Liger's fused kernels for SFT when installed (`pip install alignflow[gpu]`), no torch.compile (minutes of
+    compilation for short runs), and for SFT padding-free batches when a FlashAttention kernel can keep
+    the flattened sequences apart. TRL enforces `max_length` only on padded batches, so a config that
+    sets it keeps padding (TRL 1.16's DPOTrainer has padding-free disabled)."""
+    import importlib.util
+
+    if bf16 is None:  # `bf16` given: what a card with or without bf16 would get (bench/device_check.py)
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    defaults: dict[str, Any] = {"bf16": bf16, "fp16": not bf16, "torch_compile": False}
+    if trl_config == "SFTConfig":  # TRL 1.16 deprecates Liger in its DPOTrainer (for Hub kernels)
+        defaults["use_liger_kernel"] = importlib.util.find_spec("liger_kernel") is not None
+    if trl_config == "SFTConfig" and attn.startswith("flash_attention") and "max_length" not in user \
+            and not user.get("packing"):
+        defaults |= {"padding_free": True, "max_length": None}
+    return defaults
+
+
+def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path, checkpoint_steps: int = 0,
+                 trl_config: str = "SFTConfig", attn: str = "sdpa") -> dict[str, Any]:
     """TRL config kwargs: alignflow's per-device defaults, then the user's `trainer:` keys on top.
     `checkpoint_steps` > 0 saves a resumable checkpoint every that many optimizer steps (the last two kept)."""
     defaults: dict[str, Any] = {
@@ -54,12 +86,12 @@ def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path,
     if device == "cpu":
         defaults |= CPU_TRAINER_DEFAULTS
     else:
-        defaults["bf16"] = torch.cuda.is_bf16_supported()
+        defaults |= cuda_trainer_defaults(trl_config, user, attn)
     return defaults | user
 
 
 def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], device: str, seed: int,
-                         checkpoint_steps: int = 0) -> None:
+                         checkpoint_steps: int = 0, attn: str = "sdpa") -> None:
     """Build TRL's config from a `trainer:` section now, so a bad value fails before any model
     loads, with an error naming the section (TRL's message names the field)."""
     import tempfile
@@ -70,7 +102,8 @@ def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], de
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            getattr(trl, trl_config)(**trainer_args(user, device, seed, Path(tmp), checkpoint_steps))
+            getattr(trl, trl_config)(**trainer_args(user, device, seed, Path(tmp), checkpoint_steps, trl_config,
+                                                    attn))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{section}.trainer: {err}") from None
 
@@ -90,20 +123,51 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tokenizer
 
 
+class ChatTemplateMismatch(ValueError):
+    """Two stages would render the same conversation differently; the message names both fingerprints."""
+
+
+def template_fingerprint(tokenizer) -> str:
+    """A short content hash of how a tokenizer renders chats: its chat template and the EOS/BOS tokens
+    the template may refer to. Recorded with every model and sampled dataset (`alignflow.chat_template`)."""
+    import hashlib
+    import json
+
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    payload = json.dumps([text, tokenizer.eos_token, tokenizer.bos_token])
+    return "tmpl:" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def check_template(tokenizer, expected: str | None, where: str, source: str) -> str:
+    """The tokenizer's template fingerprint; fails if it differs from the one `source` was made with.
+    Called right after the tokenizer loads, before any weights do."""
+    actual = template_fingerprint(tokenizer)
+    if expected and actual != expected:
+        raise ChatTemplateMismatch(
+            f"{where}: chat template {actual} differs from {expected}, the one {source} used: the model would "
+            "see conversations rendered differently from those it was trained or sampled on")
+    return actual
+
+
 def is_adapter(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
 def load_causal_lm(path: str, device: str, *, trust_remote_code: bool = False, revision: str | None = None,
-                   merge_adapter: bool = True):
+                   merge_adapter: bool = True, attn: str | None = None):
     """Full weights or a PEFT adapter dir (merged into its base); safetensors only."""
     kwargs = dict(dtype=model_dtype(device), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn:
+        kwargs["attn_implementation"] = attn
     if is_adapter(path):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
         if merge_adapter:
-            model = model.merge_and_unload()
+            # peft froze the base weights under the adapter; merged, they are a plain model again, which
+            # full fine-tuning on top of a LoRA SFT must be able to train
+            model = model.merge_and_unload().requires_grad_(True)
     else:
         from transformers import AutoModelForCausalLM
 

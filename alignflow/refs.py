@@ -38,6 +38,9 @@ class ArtifactRef(BaseModel):
     run_id: str | None = None  # the MLflow run that made it
     local_path: str | None = None  # where this machine already has it
     is_adapter: bool = False  # a PEFT adapter directory rather than full weights
+    # fingerprint of the chat template a model renders with, or that a dataset's answers were sampled
+    # under (alignflow.modeling.template_fingerprint); stages check it before loading weights
+    chat_template: str | None = None
 
     def resolve(self) -> str:
         """A local path with this content: the known local copy if intact, else downloaded from MLflow."""

@@ -110,10 +110,12 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
 
     if "select_base" in rec.stages:
         table = _load_table(rec.stages["select_base"].info.run_id, "candidates.json")
+        measure = rec.stages["select_base"].data.tags.get("alignflow.selection_measure", "answer_bits_per_byte")
         sections += ["## Base-model selection", _md_table(
-            ["candidate", "parameters", "train memory (GB)", "within budget", "plain-text loss", "chosen"],
-            [[e["candidate"], f"{e['params']:,}", e["train_memory_gb"], e["within_budget"], _fmt(e["text_loss"], 4),
-              "✔" if e.get("chosen") else ""] for e in table])]
+            ["candidate", "parameters", "train memory (GB)", "within budget", measure.replace("_", " "),
+             "chat template", "chosen"],
+            [[e["candidate"], f"{e['params']:,}", e["train_memory_gb"], e["within_budget"], _fmt(e.get(measure), 4),
+              e.get("chat_template", ""), "✔" if e.get("chosen") else ""] for e in table])]
 
     rank_stages = [s for s in rec.stages if s == "rank" or s.startswith("rank.")]
     if rank_stages:

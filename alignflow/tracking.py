@@ -150,6 +150,8 @@ def record_output(output) -> None:
         value = json.dumps({k: v.model_dump(mode="json") for k, v in output.items() if isinstance(v, ArtifactRef)})
     else:
         value = output.model_dump_json()
+        if output.chat_template:
+            mlflow.set_tag("alignflow.chat_template", output.chat_template)
     mlflow.set_tag("alignflow.output", value)
 
 

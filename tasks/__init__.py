@@ -6,9 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
+import mlflow
 from transformers import TrainerCallback
 
-from alignflow.modeling import stop_token_ids
+from alignflow.modeling import stop_token_ids, template_fingerprint
 from alignflow.refs import ModelRef, digest_path
 from alignflow.tracking import record_output
 
@@ -25,17 +26,31 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("alignflow")
 
 
-def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adapter: bool) -> ModelRef:
+def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adapter: bool,
+                       merge_adapter: bool = False) -> ModelRef:
     """Save a TRL trainer's model (weights or adapter, safetensors) with its tokenizer and chat
-    template, make generation stop at end of turn, log it to the stage's run, return its ModelRef."""
-    trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer, trainer.model)
-    trainer.save_model(str(model_dir))
+    template, make generation stop at end of turn, log it to the stage's run, return its ModelRef.
+
+    `merge_adapter`: a LoRA adapter is merged into the model it was trained on and saved as full
+    weights. The preference stages need it: their starting policy may itself be a LoRA SFT merged
+    into its base at load time, and an adapter saved alone would name that base, not base + SFT, as
+    the model beneath it (a LoRA DPO on a LoRA SFT reloaded as base + DPO and lost the SFT)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
+    if is_adapter and merge_adapter:
+        model = model.merge_and_unload()
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        is_adapter = False
+        mlflow.set_tag("alignflow.lora_merged", "true")
+    else:
+        trainer.save_model(str(model_dir))
+        (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: no saved model carries one
     tokenizer.save_pretrained(str(model_dir))
     from tasks.transfer import call, upload_artifacts
 
     uri = call(upload_artifacts, str(model_dir), "model", run_id)  # retried on transient failures
-    ref = ModelRef(uri=uri, digest=digest_path(model_dir), run_id=run_id,
-                   local_path=str(model_dir), is_adapter=is_adapter)
+    ref = ModelRef(uri=uri, digest=digest_path(model_dir), run_id=run_id, local_path=str(model_dir),
+                   is_adapter=is_adapter, chat_template=template_fingerprint(tokenizer))
     record_output(ref)
     return ref
 
@@ -78,8 +93,6 @@ def train_resumable(trainer, trainer_dir: str | Path, stage: str):
     transformers restores model, optimizer, scheduler, RNG and the data position, so the resumed
     run ends at the same global step as an uninterrupted one. Once training has finished the
     checkpoints are removed (they hold optimizer state, several times the model's size)."""
-    import mlflow
-
     checkpoint = last_complete_checkpoint(trainer_dir)
     if checkpoint is not None:
         stage_logger().info("%s: resuming from %s", stage, checkpoint)

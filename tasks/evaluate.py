@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 
 from alignflow.config import EvalSection, RankSection
 from alignflow.data import read_jsonl
-from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+from alignflow.modeling import check_template, generate, load_causal_lm, load_tokenizer, template_fingerprint
 from alignflow.rankers import Verifier, is_correct, make_ranker
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
@@ -47,9 +47,13 @@ def score_answers(rows: list[dict], answers: list[dict], ranker
     return {k: float(v) for k, v in metrics.items()}, correct, rewards
 
 
-def greedy_answers(path: str, prompts: list, cfg: EvalSection, device: str, label: str):
-    """(model, tokenizer, answers): one greedy answer per prompt, with the eval section's settings."""
-    model, tokenizer = load_causal_lm(path, device), load_tokenizer(path)
+def greedy_answers(path: str, prompts: list, cfg: EvalSection, device: str, label: str,
+                   chat_template: str | None = None):
+    """(model, tokenizer, answers): one greedy answer per prompt, with the eval section's settings,
+    rendered with the chat template the model was recorded with (checked before the weights load)."""
+    tokenizer = load_tokenizer(path)
+    check_template(tokenizer, chat_template, f"evaluate {label}", f"model {label}")
+    model = load_causal_lm(path, device)
     answers = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=cfg.batch_size, progress=f"eval {label}")]
     return model, tokenizer, answers
@@ -95,12 +99,13 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         prompts = [r["prompt"] for r in rows]
         references = [r["completion"][0]["content"] for r in rows]
         for name, ref in models.items():
-            model, tokenizer, answers = greedy_answers(ref.resolve(), prompts, cfg, ctx.device, name)
+            model, tokenizer, answers = greedy_answers(ref.resolve(), prompts, cfg, ctx.device, name, ref.chat_template)
+            mlflow.set_tag(f"alignflow.chat_template.{name}", template_fingerprint(tokenizer))
             metrics, correct[name], ranked = score_answers(rows, answers, ranker)
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
             metrics |= {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
-            # the win rate is judged by the verifier whatever ranked the pairs
-            rewards[name] = ranked if isinstance(ranker, Verifier) else \
+            # the win rate is judged by the verifier whatever ranked the pairs, unless the config says ranker
+            rewards[name] = ranked if isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker" else \
                 verifier.score(prompts, [a["text"] for a in answers], references)
             if cfg.pass_k:
                 sampled = generate(model, tokenizer, prompts, num_return_sequences=cfg.pass_k, do_sample=True,

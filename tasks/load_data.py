@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from alignflow import embedded
 from alignflow.config import PipelineConfig
 from alignflow.data import load_rows, write_jsonl
-from alignflow.modeling import check_trainer_config
+from alignflow.modeling import attn_implementation, check_trainer_config
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, record_output, stage_run
 
@@ -32,7 +32,7 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
     with stage_run(ctx, "load_data", params) as run_id:
         for name, section in (("sft", config.sft), ("dpo", config.dpo)):
             check_trainer_config(name, section.trl_config, section.trainer, ctx.device, ctx.seed,
-                                 section.checkpoint_steps)
+                                 section.checkpoint_steps, attn_implementation(section.attn_implementation, ctx.device))
         converted = {}
         for name, (source, require_reference) in sources.items():  # validate all before writing any
             path = embedded.resolve(config.embedded, source.path, "data")

@@ -56,6 +56,6 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
                              "mean_candidate_reward": sum(all_rewards) / len(all_rewards)})
         stage_logger().info("%d pairs from %d prompts (%d ties)", len(pairs), len(rows), ties)
         ref = DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
-                         local_path=str(out))
+                         local_path=str(out), chat_template=candidates.chat_template)
         record_output(ref)
         return ref

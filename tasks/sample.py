@@ -9,14 +9,15 @@ from prefect.cache_policies import NONE
 from alignflow.caching import stage_dir
 from alignflow.config import SampleSection
 from alignflow.data import read_jsonl, write_jsonl
-from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+from alignflow.modeling import check_template, generate, load_causal_lm, load_tokenizer
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
 
 
-def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], device: str, seed: int) -> list[dict]:
-    tokenizer = load_tokenizer(policy_path)
+def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], device: str, seed: int,
+                      tokenizer=None) -> list[dict]:
+    tokenizer = tokenizer or load_tokenizer(policy_path)
     model = load_causal_lm(policy_path, device)
     outputs = generate(model, tokenizer, [r["prompt"] for r in rows], num_return_sequences=cfg.num_candidates,
                        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -33,7 +34,10 @@ def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunCo
                    cache_key) as run_id:
         rows = read_jsonl(prompts.resolve())
         log_dataset(rows, source=prompts.uri, name="prompts", context="sampling")
-        candidates = sample_candidates(cfg, policy.resolve(), rows, ctx.device, ctx.seed + seed_offset)
+        policy_path = policy.resolve()
+        tokenizer = load_tokenizer(policy_path)
+        template = check_template(tokenizer, policy.chat_template, name, f"policy {policy.uri}")
+        candidates = sample_candidates(cfg, policy_path, rows, ctx.device, ctx.seed + seed_offset, tokenizer)
         out = write_jsonl(candidates, stage_dir(ctx, name, cache_key) / "candidates.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [r["prompt"][-1]["content"] for r in candidates for _ in r["candidates"]],
@@ -45,6 +49,6 @@ def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunCo
                              "mean_words": sum(lengths) / len(lengths)})
         stage_logger().info("sampled %d candidates for %d prompts", len(ended), len(rows))
         ref = DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
-                         local_path=str(out))
+                         local_path=str(out), chat_template=template)
         record_output(ref)
         return ref

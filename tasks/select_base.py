@@ -1,5 +1,9 @@
 """Stage 1: choose the base model: each candidate is checked against a memory budget, then scored
-by its loss on held-out SFT rows; the lowest loss within budget wins, and the table is logged.
+on held-out SFT rows by bits per byte of the answers given the prompts in its own chat template (a
+measure that does not depend on the tokenizer); the lowest within budget wins, and the table is logged.
+
+Candidates: `embedded:<name>`, a local model directory, a `.gguf` file (converted once to safetensors,
+alignflow.gguf), or a hub id.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from prefect.cache_policies import NONE
 from alignflow import embedded
 from alignflow.config import BaseSection, EmbeddedSpec, LoraSection
 from alignflow.data import read_jsonl
-from alignflow.modeling import load_causal_lm, load_tokenizer
+from alignflow.modeling import load_causal_lm, load_tokenizer, template_fingerprint
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
@@ -38,25 +42,50 @@ def count_params_from_config(path: str, trust_remote_code: bool, revision: str |
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # not done on empty weights: a tied LM head would count twice
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.inference_mode()
-def text_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
-    """Mean per-token cross-entropy of the SFT rows as plain text (prompt, then answer).
+MEASURE = "answer_bits_per_byte"  # the selection measure's name, logged with the table
 
-    Plain text, not the chat template: a base model has never seen the template's markers, so
-    their cost would swamp what we want to compare, how well each candidate already knows the data.
+
+@torch.inference_mode()
+def answer_bits_per_byte(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Bits per UTF-8 byte of the reference answers, each given its prompt in the candidate's own chat
+    template: -sum log2 p(answer tokens | prompt) / bytes of answer text.
+
+    Comparable across tokenizers, unlike a mean per-token loss (a tokenizer that splits text finer has
+    more, easier tokens and scores lower for the same model). The answer is tokenized on its own after
+    the rendered prompt, so its tokens cover exactly its bytes; the template's closing markers are left
+    out, since they differ between templates and say nothing about knowing the data.
     """
-    texts = ["\n\n".join(m["content"] for m in row["prompt"] + row["completion"]) for row in rows]
-    total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(model(**batch, labels=labels).loss) * n
-        count += n
-    return total / max(count, 1)
+    import math
+
+    sequences = []
+    for row in rows:
+        rendered = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        answer = row["completion"][0]["content"]
+        sequences.append((prompt_ids, tokenizer(answer, add_special_tokens=False)["input_ids"],
+                          len(answer.encode("utf-8"))))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nats, n_bytes = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        width = max(len(p) + len(a) for p, a, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (prompt_ids, answer_ids, size) in enumerate(batch):  # right-padded
+            n = len(prompt_ids) + len(answer_ids)
+            ids[i, :n] = torch.tensor(prompt_ids + answer_ids)
+            labels[i, len(prompt_ids):n] = torch.tensor(answer_ids)
+            mask[i, :n] = 1
+            n_bytes += size
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        nats += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(
+            logits.device), ignore_index=-100, reduction="sum"))
+    return nats / max(n_bytes, 1) / math.log(2)
 
 
 @task(name="select_base", cache_policy=NONE)
@@ -75,7 +104,8 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
             n_params = count_params_from_config(path, cfg.trust_remote_code, cfg.revision)
             memory = training_memory_gb(n_params, lora.enabled, ctx.device)
             entry = {"candidate": name, "path": path, "params": n_params, "train_memory_gb": round(memory, 4),
-                     "within_budget": memory <= cfg.memory_budget_gb, "text_loss": math.nan, "commit": ""}
+                     "within_budget": memory <= cfg.memory_budget_gb, MEASURE: math.nan, "chat_template": "",
+                     "commit": ""}
             if entry["within_budget"]:
                 if hub:
                     patterns = WEIGHT_FILES + (CODE_FILES if cfg.trust_remote_code else [])
@@ -83,27 +113,29 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
                 tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision)
                 model = load_causal_lm(path, ctx.device, trust_remote_code=cfg.trust_remote_code,
                                        revision=cfg.revision)
-                entry["text_loss"] = text_loss(model, tokenizer, rows)
+                entry[MEASURE] = answer_bits_per_byte(model, tokenizer, rows)
+                entry["chat_template"] = template_fingerprint(tokenizer)
                 entry["commit"] = getattr(model.config, "_commit_hash", None) or ""
                 del model
-            logger.info("candidate %s: %s params, %.3f GB to train, text loss %.4f", name, f"{n_params:,}",
-                        memory, entry["text_loss"])
+            logger.info("candidate %s: %s params, %.3f GB to train, %s %.4f", name, f"{n_params:,}",
+                        memory, MEASURE, entry[MEASURE])
             table.append(entry)
         eligible = [e for e in table if e["within_budget"]]
         if not eligible:
             raise ValueError(f"no base candidate fits base.memory_budget_gb={cfg.memory_budget_gb}: "
                              + ", ".join(f"{e['candidate']} needs {e['train_memory_gb']} GB" for e in table))
-        chosen = min(eligible, key=lambda e: e["text_loss"])
+        chosen = min(eligible, key=lambda e: e[MEASURE])
         for e in table:
             e["chosen"] = e is chosen
         mlflow.log_table({k: [e[k] for e in table] for k in table[0]}, "candidates.json")
-        mlflow.set_tag("alignflow.base_model", chosen["candidate"])
+        mlflow.set_tags({"alignflow.base_model": chosen["candidate"], "alignflow.selection_measure": MEASURE})
         log_metrics(mlflow.active_run().info.run_id,
-                    {"chosen.text_loss": chosen["text_loss"], "chosen.params": chosen["params"]})
-        logger.info("chose %s (text loss %.4f)", chosen["candidate"], chosen["text_loss"])
+                    {f"chosen.{MEASURE}": chosen[MEASURE], "chosen.params": chosen["params"]})
+        logger.info("chose %s (%s %.4f)", chosen["candidate"], MEASURE, chosen[MEASURE])
         # a hub model keeps its hub id as URI (other machines fetch it) and its downloaded copy as local path
         hub = chosen["path"] != embedded.resolve(spec, chosen["candidate"], "model")
         ref = ModelRef(uri=chosen["candidate"] if hub else chosen["path"], local_path=chosen["path"],
-                       digest=digest_path(chosen["path"]), run_id=mlflow.active_run().info.run_id)
+                       digest=digest_path(chosen["path"]), run_id=mlflow.active_run().info.run_id,
+                       chat_template=chosen["chat_template"])
         record_output(ref)
         return ref

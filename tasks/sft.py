@@ -6,37 +6,40 @@ answer ends with the chat template's end-of-turn token, so the tuned model learn
 
 from __future__ import annotations
 
-from datasets import Dataset
 from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.caching import stage_dir
 from alignflow.config import SFTSection
 from alignflow.data import read_jsonl
-from alignflow.modeling import load_causal_lm, load_tokenizer, lora_config, trainer_args
+from alignflow.modeling import (attn_implementation, check_template, load_causal_lm, load_tokenizer, lora_config,
+                                trainer_args)
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, stage_run
+from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, log_params, stage_run
+from alignflow.training import active_paths, lora_targets, sft_trainer
 from tasks import CheckpointMarker, save_trained_model, stage_logger, train_resumable
 
 
 @task(name="sft", cache_policy=NONE)
 def sft(cfg: SFTSection, base: ModelRef, data: DatasetRef, ctx: RunContext, trust_remote_code: bool = False,
         cache_key: str | None = None) -> ModelRef:
-    from trl import SFTConfig, SFTTrainer
-
     out_dir = stage_dir(ctx, "sft", cache_key)
-    args = trainer_args(cfg.trainer, ctx.device, ctx.seed, out_dir / "trainer", cfg.checkpoint_steps)
-    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "base": base.uri}, "sft")
+    attn = attn_implementation(cfg.attn_implementation, ctx.device)
+    args = trainer_args(cfg.trainer, ctx.device, ctx.seed, out_dir / "trainer", cfg.checkpoint_steps, "SFTConfig",
+                        attn)
+    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "base": base.uri, "attn_implementation": attn},
+                     "sft")
     with stage_run(ctx, "sft", params, cache_key) as run_id:
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="sft", context="training")
         base_path = base.resolve()
         tokenizer = load_tokenizer(base_path, trust_remote_code)
-        model = load_causal_lm(base_path, ctx.device, trust_remote_code=trust_remote_code)
-        train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-        trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=train, processing_class=tokenizer,
-                             peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
-                             callbacks=[MlflowMetricsCallback(run_id), CheckpointMarker()])
+        check_template(tokenizer, base.chat_template, "sft", f"base model {base.uri}")
+        model = load_causal_lm(base_path, ctx.device, trust_remote_code=trust_remote_code, attn=attn)
+        trainer = sft_trainer(model, tokenizer, rows, args, lora_config(cfg.lora) if cfg.lora.enabled else None,
+                              [MlflowMetricsCallback(run_id), CheckpointMarker()])
+        log_params(run_id, flatten({"active": active_paths(trainer, trainer.model),
+                                    "lora.resolved_targets": lora_targets(trainer.model)}, "sft"))
         result = train_resumable(trainer, args["output_dir"], "sft")
         stage_logger().info("SFT done: %d steps, train loss %.4f", result.global_step, result.training_loss)
         return save_trained_model(trainer, tokenizer, out_dir / "model", run_id, cfg.lora.enabled)

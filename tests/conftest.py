@@ -75,14 +75,55 @@ class Server:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_tree(self.proc)
         self.log.close()
+
+
+def process_family(pid: int) -> list:
+    """The process, every descendant of it, and every member of its process group (psutil handles).
+    Descendants count separately: Prefect starts each flow run in a session of its own."""
+    import psutil
+
+    family = {}
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            family[proc.pid] = proc
+    except psutil.NoSuchProcess:
+        pass
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in family and os.getpgid(proc.pid) == pid:
+                family[proc.pid] = proc
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return list(family.values())
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 30, kill_wait: float = 30) -> None:
+    """Stop a process started by a test and everything it started: SIGTERM to all of them, at most
+    `grace` seconds for a clean exit, then SIGKILL to whatever is left (a `prefect worker` may sit on
+    its first SIGTERM for over a minute while it shuts down); asserts that nothing is left running."""
+    import psutil
+
+    family = process_family(proc.pid)
+    for member in family:
+        try:
+            member.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    # what they started while shutting down counts too
+    alive = list({p.pid: p for p in alive + [c for a in alive for c in process_family(a.pid)]}.values())
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.Error:
+            pass
+    _, survivors = psutil.wait_procs(alive, timeout=kill_wait)
+    if proc.poll() is None:
+        proc.wait(timeout=kill_wait)  # reaped, so it is no zombie of ours
+    assert not survivors, f"still running after SIGKILL: {[(p.pid, p.name()) for p in survivors]}"
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 `alignflow deploy` command and Prefect's own CLI, against real Prefect and MLflow servers."""
 
 import json
-import os
-import signal
 import subprocess
 import time
 
@@ -11,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows import deploy
-from tests.conftest import BIN, ROOT
+from tests.conftest import BIN, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +94,7 @@ def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path,
         assert rerun_parent.data.tags["alignflow.rerun_stage"] == "rank"
         assert {r.info.run_name for r in reruns if "mlflow.parentRunId" in r.data.tags} == {"rank"}
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        stop_tree(worker)  # SIGTERM, then SIGKILL of the whole tree after a bounded wait; asserts none left
         log.close()
 
 
@@ -138,6 +135,5 @@ def test_serve_runs_the_schedule_from_one_process(servers_env, tmp_path, monkeyp
         assert parent and parent[0].info.status == "FINISHED"
         assert parent[0].data.tags["prefect.deployment_id"] == str(deployment.id)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_tree(server)
         log.close()

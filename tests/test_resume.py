@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from alignflow.config import load_config
 from flows.pipeline import align
 from tasks import COMPLETE_MARKER, last_complete_checkpoint
-from tests.conftest import BIN, SMOKE
+from tests.conftest import BIN, SMOKE, stop_tree
 
 pytestmark = pytest.mark.slow
 # SFT long enough to be killed in the middle (30 epochs of the smoke data), a checkpoint every 25 steps
@@ -48,7 +48,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 240)
         if done:
             return done[0].parent
         time.sleep(0.05)
-    proc.kill()
+    stop_tree(proc)
     pytest.fail(f"no complete SFT checkpoint appeared (exit code {proc.poll()})")
 
 
@@ -72,7 +72,10 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_step(servers_env, t
     (half / "trainer_state.json").write_text('{"global_step": 100')
 
     rerun = start_flow(out, "resume", servers_env)
-    assert rerun.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    try:
+        assert rerun.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    finally:
+        stop_tree(rerun, grace=5)  # only if it overran: nothing of it may outlive the test
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers_env["MLFLOW_TRACKING_URI"])
     all_runs = runs("resume")
@@ -101,7 +104,10 @@ def test_sigterm_leaves_no_run_running(servers_env, tmp_path, monkeypatch):
     proc = start_flow(out, "terminated", servers_env)
     wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        stop_tree(proc, grace=5)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers_env["MLFLOW_TRACKING_URI"])
     all_runs = runs("terminated")

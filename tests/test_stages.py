@@ -155,7 +155,9 @@ def test_select_base_picks_the_lower_loss_within_budget(tiny_model_path, smoke_d
     run = child_run(run_ctx, "select_base")
     table = MlflowClient().load_table(run.info.experiment_id, "candidates.json", run_ids=[run.info.run_id])
     chosen = table[table["chosen"]]
-    assert len(table) == 2 and chosen["text_loss"].iloc[0] == table["text_loss"].min()
+    assert len(table) == 2 and chosen["answer_bits_per_byte"].iloc[0] == table["answer_bits_per_byte"].min()
+    assert run.data.tags["alignflow.selection_measure"] == "answer_bits_per_byte"
+    assert ref.chat_template == chosen["chat_template"].iloc[0] and ref.chat_template.startswith("tmpl:")
     assert ref.uri == chosen["path"].iloc[0]
 
     tight = BaseSection(candidates=[other, tiny_model_path], memory_budget_gb=1e-9)

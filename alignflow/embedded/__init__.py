@@ -5,6 +5,7 @@
 Config names `embedded:<split>` (sft, prompts, eval) for data and `embedded:<model>` for base
 models; both resolve to files under $ALIGNFLOW_HOME (default ~/.cache/alignflow), keyed by a
 hash of the spec that made them, so a changed spec builds anew and never reuses stale files.
+`embedded:smollm2-135m` is a real pretrained model shipped on PyPI as a GGUF file (alignflow.gguf).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alignflow.config import EmbeddedSpec
+if TYPE_CHECKING:  # the builders import without pydantic (bench/device_check.py on a bare GPU image)
+    from alignflow.config import EmbeddedSpec
 
 PREFIX = "embedded:"
 BUILD_VERSION = 5  # bump when the builders change what they make
@@ -101,7 +104,14 @@ def model_path(spec: EmbeddedSpec, name: str) -> str:
 
 
 def resolve(spec: EmbeddedSpec, name: str, kind: str) -> str:
-    """`embedded:<x>` -> a local path (building it if missing); anything else is returned as is."""
+    """`embedded:<x>` -> a local path (building it if missing); a `.gguf` model file -> its converted
+    safetensors directory (alignflow.gguf); anything else is returned as is."""
+    from alignflow import gguf
+
+    if kind == "model" and gguf.is_gguf(name):
+        return str(gguf.converted_dir(name, home()))
     if not name.startswith(PREFIX):
         return name
+    if kind == "model" and name.removeprefix(PREFIX) in gguf.PACKAGED:
+        return str(gguf.converted_dir(gguf.packaged_file(name.removeprefix(PREFIX)), home()))
     return data_path(spec, name) if kind == "data" else model_path(spec, name)

@@ -1,0 +1,67 @@
+"""TRL trainers built the way every alignflow stage builds them.
+
+    from alignflow.training import sft_trainer, dpo_trainer
+
+Imports neither Prefect nor MLflow (nor pydantic), so bench/device_check.py runs these exact code
+paths on a GPU machine that has only torch, transformers, peft, accelerate and TRL's wheels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _dataset(rows: list[dict], keys: tuple[str, ...]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{k: r[k] for k in keys} for r in rows])
+
+
+def sft_trainer(model, tokenizer, rows: list[dict], args: dict[str, Any], peft_config=None, callbacks=()):
+    """TRL's SFTTrainer on conversational prompt/completion rows: the loss falls on the completion only."""
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=_dataset(rows, ("prompt", "completion")),
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
+
+
+def rft_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_config=None, callbacks=()):
+    """Rejection-sampling fine-tuning: SFT on the chosen answers of preference pairs."""
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    return sft_trainer(model, tokenizer, rows, args, peft_config, callbacks)
+
+
+def dpo_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_config=None, ref_model=None,
+                callbacks=()):
+    """TRL's DPOTrainer on conversational preference pairs. The reference is the starting policy: with
+    LoRA, the policy with its adapter disabled; with precomputed reference log-probs, scored once by
+    the policy before training; otherwise pass `ref_model`, a second copy (TRL would reload it from the
+    policy's `name_or_path`, which for a merged adapter is the base, not the policy)."""
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(**args),
+                      train_dataset=_dataset(pairs, ("prompt", "chosen", "rejected")), processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=list(callbacks))
+
+
+def needs_ref_copy(args: dict[str, Any], lora: bool) -> bool:
+    """Whether DPO needs a second copy of the starting policy as its reference (see dpo_trainer)."""
+    return not (lora or args.get("precompute_ref_log_probs"))
+
+
+def lora_targets(model) -> list[str]:
+    """The module names a PEFT model's LoRA adapter resolved to (e.g. `all-linear` on a Llama:
+    q/k/v/o_proj, gate/up/down_proj; never lm_head)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return sorted(config.target_modules) if config is not None else []
+
+
+def active_paths(trainer, model) -> dict[str, Any]:
+    """What actually ran, read from the trainer and model rather than from the config: attention kernel,
+    precision, padding-free batching, Liger kernels, torch.compile."""
+    args = trainer.args
+    return {"attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "bf16": bool(args.bf16), "fp16": bool(args.fp16),
+            "padding_free": bool(getattr(trainer, "padding_free", False)),
+            "use_liger_kernel": bool(getattr(args, "use_liger_kernel", False)),
+            "torch_compile": bool(args.torch_compile), "dtype": str(next(model.parameters()).dtype)}

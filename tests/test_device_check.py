@@ -1,0 +1,32 @@
+"""bench/device_check.sh, the GPU check, in its CPU dry run: the same SFT, sampling and DPO code paths on
+tiny models, without Prefect, MLflow or pydantic (the GPU image has none of them)."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_dry_run_measures_every_path_and_writes_its_figures(tmp_path):
+    out = tmp_path / "figures.json"
+    done = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["dry_run"] and set(figures["archs"]) == {"llama", "qwen2"}
+    for arch, entry in figures["archs"].items():
+        for path in ("alignflow", "trl_defaults"):
+            assert entry[f"sft.{path}"]["tokens_per_s"] > 0, arch
+            assert entry[f"sample.{path}"]["tokens_per_s"] > 0, arch
+            assert entry[f"dpo.{path}"]["pairs_per_s"] > 0, arch
+            assert {"attn_implementation", "bf16", "padding_free", "use_liger_kernel"} <= set(
+                entry[f"sft.{path}"]["active"])
+        assert entry["sft.trl_defaults"]["active"]["gradient_checkpointing"]  # TRL's default, kept there
+        assert not entry["sft.alignflow"]["active"]["gradient_checkpointing"]  # alignflow's CPU default
+    resolved = figures["cuda_defaults"]
+    assert resolved["sft"]["bf16"] and resolved["sft"]["torch_compile"] is False
+    assert "ratio alignflow / TRL defaults" in done.stdout

@@ -1,0 +1,89 @@
+"""A DPO output reloads as SFT + DPO, whatever mix of full and LoRA tuning made it.
+
+With a zero learning rate DPO changes nothing, so the DPO model must answer exactly like the SFT
+model it started from, and so must the registry's champion loaded back through MLflow. A LoRA DPO
+adapter that forgot the LoRA SFT beneath it answers like the base model instead (issue 10).
+"""
+
+import mlflow
+import pytest
+import torch
+
+from alignflow.config import LoraSection, RegistrySection
+from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+from tasks.dpo import dpo
+from tasks.promote import promote
+from tasks.sft import sft
+from tests.test_stages import base_ref, dataset_ref
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 64  # the registered model's default answer length
+
+
+def answers(path: str, prompts: list) -> list[str]:
+    model, tokenizer = load_causal_lm(path, "cpu"), load_tokenizer(path)
+    return [a[0]["text"] for a in generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW)]
+
+
+@torch.inference_mode()
+def next_token_logits(model, tokenizer, prompts: list) -> torch.Tensor:
+    """The first answer token's logits for each prompt: finer than greedy text, which a weak model
+    may leave empty for base and SFT alike."""
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        rows.append(model(input_ids=ids).logits[0, -1].float())
+    return torch.stack(rows)
+
+
+def logits_of(path: str, prompts: list) -> torch.Tensor:
+    return next_token_logits(load_causal_lm(path, "cpu"), load_tokenizer(path), prompts)
+
+
+@pytest.fixture(scope="module")
+def pairs_rows(smoke_data):
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "task": r["task"],
+             "rejected": [{"role": "assistant", "content": "no idea"}], "margin": 1.0}
+            for r in smoke_data["prompts"][:16]]
+
+
+@pytest.mark.parametrize("sft_lora", [False, True], ids=["full-sft", "lora-sft"])
+def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_config, tiny_model_path,
+                                                                smoke_data, pairs_rows, run_ctx, tmp_path):
+    lora = LoraSection(enabled=True, r=8, alpha=16, dropout=0.0)
+    sft_cfg = smoke_config.sft.model_copy(update={
+        "lora": lora if sft_lora else LoraSection(),
+        "trainer": {**smoke_config.sft.trainer, "num_train_epochs": 2,
+                    "learning_rate": 2e-2 if sft_lora else 3e-3}})  # LoRA needs a higher rate to move answers
+    base = base_ref(tiny_model_path)
+    sft_model = sft.fn(sft_cfg, base, dataset_ref(smoke_data["sft"], tmp_path / "sft.jsonl"), run_ctx)
+    assert sft_model.is_adapter == sft_lora
+
+    prompts = [r["prompt"] for r in smoke_data["eval"] if len(r["prompt"]) == 1][:12]
+    sft_answers, sft_logits = answers(sft_model.local_path, prompts), logits_of(sft_model.local_path, prompts)
+    # else "like SFT" could not tell SFT from base
+    assert (sft_logits - logits_of(tiny_model_path, prompts)).abs().max() > 0.1
+
+    pairs = dataset_ref(pairs_rows, tmp_path / "pairs.jsonl")
+    for dpo_lora in (False, True):
+        dpo_cfg = smoke_config.dpo.model_copy(update={
+            "lora": lora if dpo_lora else LoraSection(),
+            "trainer": {**smoke_config.dpo.trainer, "learning_rate": 0.0, "max_steps": 2}})
+        name = f"dpo-{'lora' if dpo_lora else 'full'}"
+        dpo_model = dpo.fn(dpo_cfg, sft_model, pairs, run_ctx, name=name)
+        assert not dpo_model.is_adapter  # saved merged into the policy it started from: self-contained
+        assert answers(dpo_model.local_path, prompts) == sft_answers, name
+        torch.testing.assert_close(logits_of(dpo_model.local_path, prompts), sft_logits, atol=1e-4, rtol=1e-4)
+
+        registered = f"stack-{int(sft_lora)}{int(dpo_lora)}"
+        decision = promote.fn(RegistrySection(dpo_model=registered, sft_model=f"{registered}-sft"), "stack",
+                              sft_model, dpo_model, dataset_ref(smoke_data["eval"], tmp_path / "eval.jsonl"),
+                              smoke_config.eval, [0.0] * len(smoke_data["eval"]), run_ctx)
+        assert decision["decision"] == "first champion"
+        champion = mlflow.pyfunc.load_model(f"models:/{registered}@champion")
+        texts = [p[0]["content"] for p in prompts]
+        assert champion.predict(texts) == sft_answers, name
+        loaded = champion.unwrap_python_model()
+        torch.testing.assert_close(next_token_logits(loaded.model, loaded.tokenizer, prompts), sft_logits,
+                                   atol=1e-4, rtol=1e-4)
