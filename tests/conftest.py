@@ -95,7 +95,7 @@ def process_family(pid: int) -> list:
         try:
             if proc.pid not in family and os.getpgid(proc.pid) == pid:
                 family[proc.pid] = proc
-        except (psutil.Error, ProcessLookupError):
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to look at
             continue
     return list(family.values())
 
