@@ -70,7 +70,7 @@ def model_source(name: str | None, revision: str | None = None) -> str | None:
     a hub id only at a pinned commit."""
     from alignflow import gguf
 
-    if name is not None and name.removeprefix("embedded:") in gguf.PACKAGED:
+    if name is not None and name.startswith("embedded:") and name.removeprefix("embedded:") in gguf.PACKAGED:
         return digest_path(gguf.packaged_file(name.removeprefix("embedded:")))  # the installed file's content
     if name is None or name.startswith("embedded:"):
         return name
