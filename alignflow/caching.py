@@ -70,8 +70,8 @@ def model_source(name: str | None, revision: str | None = None) -> str | None:
     a hub id only at a pinned commit."""
     from alignflow import gguf
 
-    if name is not None and name.startswith("embedded:") and name.removeprefix("embedded:") in gguf.PACKAGED:
-        return digest_path(gguf.packaged_file(name.removeprefix("embedded:")))  # the installed file's content
+    if name is not None and (packaged := gguf.packaged_source(name)) is not None:
+        return "sha256:" + gguf.file_digest(packaged)  # the installed file's content
     if name is None or name.startswith("embedded:"):
         return name
     if Path(name).exists():

@@ -16,6 +16,7 @@ by the file's content, converted once, built atomically.
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib import metadata, util
 from pathlib import Path
@@ -34,6 +35,12 @@ def is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf")
 
 
+def packaged_source(name: str) -> Path | None:
+    """The GGUF file behind `embedded:<name>` when <name> is a packaged model, else None."""
+    short = name.removeprefix("embedded:")
+    return packaged_file(short) if name.startswith("embedded:") and short in PACKAGED else None
+
+
 def packaged_file(name: str) -> Path:
     """The GGUF file of an embedded packaged model, from its installed PyPI package."""
     distribution, package, filename = PACKAGED[name]
@@ -48,6 +55,14 @@ def packaged_file(name: str) -> Path:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a GGUF file, hashed once per process for an unchanged file (select_base resolves its
+    candidates more than once and the cache key pins the file too)."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     from alignflow.refs import digest_path
 
     return digest_path(path).removeprefix("sha256:")

@@ -112,6 +112,6 @@ def resolve(spec: EmbeddedSpec, name: str, kind: str) -> str:
         return str(gguf.converted_dir(name, home()))
     if not name.startswith(PREFIX):
         return name
-    if kind == "model" and name.removeprefix(PREFIX) in gguf.PACKAGED:
-        return str(gguf.converted_dir(gguf.packaged_file(name.removeprefix(PREFIX)), home()))
+    if kind == "model" and (packaged := gguf.packaged_source(name)) is not None:
+        return str(gguf.converted_dir(packaged, home()))
     return data_path(spec, name) if kind == "data" else model_path(spec, name)
