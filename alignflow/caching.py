@@ -14,6 +14,9 @@ MLflow URIs and local paths that differ between runs with the same content; henc
 - the run context counts by seed and device only;
 - the code version is a digest of alignflow's own source (`alignflow/`, `tasks/`) and the versions of
   the libraries that train and generate: coarse on purpose, a change anywhere re-runs;
+- a component (ranker, pair strategy, engine) counts by its config and its `cache_pins()` (a reward
+  model's weights), and a stage by its declared `pins` (the base candidates' content): a stage or
+  component says what it depends on where it is written, not here;
 - a model given by name whose content alignflow cannot pin (a hub id without a commit revision)
   makes the stage uncacheable: it runs, and nothing is stored. A key that cannot be computed is
   never replaced by a partial one (compare Prefect issue #15861, a composite policy that cached
@@ -32,12 +35,16 @@ import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
+from alignflow.components import Component
 from alignflow.refs import ArtifactRef, digest_path
+
+if TYPE_CHECKING:
+    from alignflow.stages import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("alignflow", "tasks")
@@ -86,12 +93,14 @@ def fingerprint(value: Any) -> Any:
     from alignflow.tracking import RunContext
 
     if isinstance(value, ArtifactRef):
-        return {"kind": value.kind, "digest": value.digest, "is_adapter": value.is_adapter,
-                "chat_template": value.chat_template}
+        return {"kind": value.kind, "digest": value.digest, "chat_template": value.chat_template,
+                "trust_remote_code": getattr(value, "trust_remote_code", False)}
+    if isinstance(value, Component):  # its config, and what its results depend on beyond it
+        return {value.type: fingerprint(value.model_dump(mode="json")), "pins": value.cache_pins()}
     if isinstance(value, RunContext):
         return {"seed": value.seed, "device": value.device}
-    if isinstance(value, BaseModel):
-        return {type(value).__name__: fingerprint(value.model_dump(mode="json"))}
+    if isinstance(value, BaseModel):  # field by field, so components inside keep their pins
+        return {type(value).__name__: {name: fingerprint(getattr(value, name)) for name in type(value).model_fields}}
     if isinstance(value, dict):
         return {str(k): fingerprint(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -101,18 +110,18 @@ def fingerprint(value: Any) -> Any:
     raise Uncacheable(f"cannot fingerprint an argument of type {type(value).__name__}")
 
 
-def stage_key(task_name: str, inputs: dict[str, Any]) -> str:
-    """The cache key of one stage call; raises Uncacheable when its content cannot be pinned."""
+def stage_key(stage: Stage | str, inputs: dict[str, Any]) -> str:
+    """The cache key of one stage call: its name, the code, its arguments' fingerprints (components
+    with their cache pins) and the stage's own pins. Raises Uncacheable when its content cannot be
+    pinned or the stage is never cached."""
+    from alignflow import stages
+
+    stage = stages.get(stage) if isinstance(stage, str) else stage
+    if not stage.cache:
+        raise Uncacheable(f"stage {stage.name} is never cached")
     inputs = {k: v for k, v in inputs.items() if k != "cache_key"}
-    extra: dict[str, Any] = {}
-    if task_name == "select_base":
-        cfg = inputs["cfg"]
-        extra["candidates"] = [model_source(c, cfg.revision) for c in cfg.candidates]
-    if task_name in ("rank", "evaluate"):
-        rank_cfg = inputs.get("cfg") if task_name == "rank" else inputs.get("rank_cfg")
-        if rank_cfg is not None and rank_cfg.ranker == "reward_model":
-            extra["reward_model"] = model_source(rank_cfg.reward_model)
-    payload = {"task": task_name, "code": code_version(), "inputs": fingerprint(inputs), "extra": extra}
+    extra = stage.pins(inputs) if stage.pins else {}
+    payload = {"task": stage.name, "code": code_version(), "inputs": fingerprint(inputs), "extra": extra}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

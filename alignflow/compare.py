@@ -12,7 +12,6 @@ from __future__ import annotations
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-MODELS = ("base", "sft", "dpo", "rft", "dpo_no_sft")
 HEADLINE = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high")
 VERSUS = ("win_rate_vs_sft", "delta_vs_sft")
 
@@ -34,9 +33,11 @@ def find_runs(client: MlflowClient, run_ids: list[str], experiment: str | None, 
 
 def metric_keys(runs: list[Run]) -> list[str]:
     """Key eval metrics present in any of the runs, in a stable order."""
+    from alignflow.report import model_order
+
     present = set().union(*(r.data.metrics for r in runs))
     keys = []
-    for model in MODELS + tuple(sorted({k.split(".")[0] for k in present if k.split(".")[0].startswith("dpo_r")})):
+    for model in model_order({k.split(".")[0] for k in present if k.endswith(".accuracy") and k.count(".") == 1}):
         keys += [f"{model}.{m}" for m in HEADLINE if f"{model}.{m}" in present]
         keys += sorted(k for k in present if k.startswith(f"{model}.pass_at_") and k.count(".") == 1)
         keys += [f"{model}.{m}" for m in VERSUS if f"{model}.{m}" in present]

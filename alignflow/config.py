@@ -14,10 +14,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator)
+
+from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -35,16 +37,26 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-# the stages `alignflow stage NAME` reruns alone (rft / dpo_no_sft: the DPO stage's baselines)
-STAGES = ("select_base", "sft", "sample", "rank", "dpo", "rft", "dpo_no_sft", "evaluate")
-
-
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names the key."""
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def component(registry, default: str):
+    """A config field holding a registered component: a name, or a mapping with `type` and the
+    component's own keys (validated by the component's own schema: unknown keys are errors)."""
+    return Field(default=default, validate_default=True), BeforeValidator(registry.validate)
+
+
+_ranker, _validate_ranker = component(RANKERS, "verifier")
+_pairs, _validate_pairs = component(PAIRS, "best_worst")
+_engine, _validate_engine = component(ENGINES, "transformers")
+RankerField = Annotated[SerializeAsAny[Ranker], _validate_ranker]
+PairsField = Annotated[SerializeAsAny[PairStrategy], _validate_pairs]
+EngineField = Annotated[SerializeAsAny[Engine], _validate_engine]
 
 
 class DataSource(Section):
@@ -134,7 +146,18 @@ class DPOSection(TrainerSection):
 
     trl_config = "DPOConfig"
     rounds: int = Field(default=1, ge=1)
-    baselines: list[Literal["rft", "dpo_no_sft"]] = []
+    baselines: list[str] = []  # stages registered as baselines of `dpo` (alignflow.stages)
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        from alignflow import stages
+
+        known = stages.baselines("dpo")
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; choose from {known}")
+        return names
 
 
 class SampleSection(Section):
@@ -144,26 +167,21 @@ class SampleSection(Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)  # prompts per generate call
+    engine: EngineField = _engine  # generation engine (alignflow.generation): transformers, ...
 
 
 class RankSection(Section):
-    ranker: Literal["verifier", "reward_model"] = "verifier"
-    reward_model: str | None = None  # any AutoModelForSequenceClassification: local dir or hub id
+    # who scores the candidates (alignflow.rankers): `verifier`, `{type: reward_model, model: DIR_OR_HUB_ID}`, ...
+    ranker: RankerField = _ranker
     min_margin: float = Field(default=0.0, ge=0)  # pairs whose reward gap is at most this are ties
-    pairs: Literal["best_worst", "best_random"] = "best_worst"  # which candidates make a pair
-    batch_size: int = Field(default=32, gt=0)
-
-    @model_validator(mode="after")
-    def _reward_model_named(self) -> RankSection:
-        if self.ranker == "reward_model" and not self.reward_model:
-            raise ValueError("rank.reward_model must name a model when rank.ranker is 'reward_model'")
-        return self
+    pairs: PairsField = _pairs  # which candidates make a pair (alignflow.pairs): best_worst, best_random
 
 
 class EvalSection(Section):
     data: DataSource
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)
+    engine: EngineField = _engine  # generation engine for eval and promotion answers
     samples_logged: int = Field(default=50, ge=0)  # eval answers kept per model in the MLflow table
     pass_k: int = Field(default=8, ge=0)  # also sample k answers per prompt for pass@k; 0 = skip
     pass_temperature: float = Field(default=1.0, gt=0)

@@ -33,7 +33,9 @@ FALLBACK_CHAT_TEMPLATE = (
 
 def pick_device(setting: str = "auto") -> str:
     if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device 'cuda' but torch sees no CUDA device")
+        from alignflow.config import ConfigError
+
+        raise ConfigError("device: the config asks for 'cuda' but torch sees no CUDA device")
     return setting if setting != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -90,22 +92,15 @@ def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path,
     return defaults | user
 
 
-def check_trainer_config(section: str, trl_config: str, user: dict[str, Any], device: str, seed: int,
-                         checkpoint_steps: int = 0, attn: str = "sdpa") -> None:
-    """Build TRL's config from a `trainer:` section now, so a bad value fails before any model
-    loads, with an error naming the section (TRL's message names the field)."""
-    import tempfile
-
+def build_trl_config(section: str, trl_config: str, args: dict[str, Any]):
+    """TRL's config dataclass from resolved trainer arguments, as a stage builds it; a bad value raises
+    ValueError naming the section (TRL's message names the field)."""
     import trl
 
-    from alignflow.config import ConfigError
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            getattr(trl, trl_config)(**trainer_args(user, device, seed, Path(tmp), checkpoint_steps, trl_config,
-                                                    attn))
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{section}.trainer: {err}") from None
+    try:
+        return getattr(trl, trl_config)(**args)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{section}.trainer: {err}") from None
 
 
 def model_dtype(device: str) -> torch.dtype:

@@ -1,36 +1,35 @@
-"""Rankers score candidate responses; `build_pairs` turns scores into TRL preference pairs.
+"""The rankers that ship with alignflow (registered components, alignflow.components.RANKERS).
 
-A ranker is anything with `score(prompts, responses, references) -> list[float]`: the verifier
-(programmatic reward from the expected answer) and a reward model (any sequence classifier) ship
-here; a human-ranking or LLM-judge ranker fits the same protocol.
+A ranker's config names it (`rank.ranker: verifier`, or `{type: reward_model, model: ...}`); its
+`open(device)` gives a scorer with `score(prompts, responses, references) -> list[float]`. A new
+ranker (an LLM judge, human labels) is a module like this one; see README "Adding a ranker".
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Protocol
+from typing import ClassVar
 
 import torch
+from pydantic import Field
+
+from alignflow.components import RANKERS, Ranker, Scorer
+from alignflow.stats import is_correct, normalize
 
 
-class Ranker(Protocol):
-    def score(self, prompts: list[list[dict]], responses: list[str], references: list[str | None]) -> list[float]: ...
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def is_correct(response: str, reference: str | None) -> bool:
-    return reference is not None and normalize(response) == normalize(reference)
-
-
-class Verifier:
+@RANKERS.register("verifier")
+class Verifier(Ranker, Scorer):
     """1.0 for the expected answer; otherwise up to 0.5 by character overlap with it.
 
     The partial credit orders wrong answers (a near miss beats a ramble), which gives DPO pairs
     with a margin even when no candidate is right.
     """
+
+    type: str = "verifier"
+    needs_reference: ClassVar[bool] = True
+
+    def open(self, device: str, fetch=None) -> Verifier:
+        return self
 
     def score(self, prompts, responses, references):
         if any(ref is None for ref in references):
@@ -40,9 +39,28 @@ class Verifier:
                 for resp, ref in zip(responses, references)]
 
 
-class RewardModel:
-    """Any AutoModelForSequenceClassification: the first logit of (prompt + response) is the reward."""
+@RANKERS.register("reward_model")
+class RewardModelRanker(Ranker):
+    """Any AutoModelForSequenceClassification (local directory or hub id): the first logit of
+    (prompt + response), rendered with the reward model's own chat template, is the reward."""
 
+    type: str = "reward_model"
+    model: str
+    revision: str | None = None
+    batch_size: int = Field(default=32, gt=0)
+    trust_remote_code: bool = False
+
+    def cache_pins(self) -> dict:
+        from alignflow.caching import model_source
+
+        return {"reward_model": model_source(self.model, self.revision)}  # its weights, by content
+
+    def open(self, device: str, fetch=None) -> RewardModel:
+        path = fetch(self.model, self.revision) if fetch else self.model
+        return RewardModel(path, device, self.batch_size, self.trust_remote_code)
+
+
+class RewardModel(Scorer):
     def __init__(self, path: str, device: str, batch_size: int = 32, trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -70,44 +88,3 @@ class RewardModel:
                                    return_tensors="pt").to(self.model.device)
             scores += self.model(**batch).logits[:, 0].float().tolist()
         return scores
-
-
-def build_pairs(rows: list[dict], rewards: list[list[float]], min_margin: float = 0.0,
-                strategy: str = "best_worst", seed: int = 0) -> tuple[list[dict], int]:
-    """One preference pair per prompt, in TRL's conversational preference format.
-
-    `best_worst`: the highest- against the lowest-scored candidate (the widest margin).
-    `best_random`: the highest against a random lower-scored one (more varied rejections, as in
-    Online-RLHF's ablations). A prompt whose pair differs by no more than `min_margin` is a tie and is
-    dropped (DPO learns nothing from two equally good answers). Returns (pairs, ties).
-    """
-    import random
-
-    rng = random.Random(seed)
-    pairs, ties = [], 0
-    for row, scores in zip(rows, rewards):
-        best = max(range(len(scores)), key=scores.__getitem__)
-        if strategy == "best_random":
-            lower = [i for i in range(len(scores)) if scores[best] - scores[i] > min_margin]
-            worst = rng.choice(lower) if lower else best
-        else:
-            worst = min(range(len(scores)), key=scores.__getitem__)
-        margin = scores[best] - scores[worst]
-        if margin <= min_margin:
-            ties += 1
-            continue
-        pairs.append({
-            "prompt": row["prompt"],
-            "chosen": [{"role": "assistant", "content": row["candidates"][best]}],
-            "rejected": [{"role": "assistant", "content": row["candidates"][worst]}],
-            "margin": margin, "chosen_reward": scores[best], "rejected_reward": scores[worst],
-            "task": row["task"],
-        })
-    return pairs, ties
-
-
-def make_ranker(cfg, device: str) -> Ranker:
-    """The ranker a `rank:` config section names."""
-    if cfg.ranker == "reward_model":
-        return RewardModel(cfg.reward_model, device, cfg.batch_size)
-    return Verifier()

@@ -37,7 +37,6 @@ class ArtifactRef(BaseModel):
     digest: str  # sha256 of the content, or a hub commit for hub models
     run_id: str | None = None  # the MLflow run that made it
     local_path: str | None = None  # where this machine already has it
-    is_adapter: bool = False  # a PEFT adapter directory rather than full weights
     # fingerprint of the chat template a model renders with, or that a dataset's answers were sampled
     # under (alignflow.modeling.template_fingerprint); stages check it before loading weights
     chat_template: str | None = None
@@ -58,7 +57,15 @@ class ArtifactRef(BaseModel):
 
 class ModelRef(ArtifactRef):
     kind: Literal["model"] = "model"
+    # the model's code may come from its repository: set by `base.trust_remote_code` on the chosen base
+    # and carried to every model trained from it, so each stage that loads one honours it
+    trust_remote_code: bool = False
 
 
 class DatasetRef(ArtifactRef):
     kind: Literal["dataset"] = "dataset"
+
+
+def parse_ref(value: dict) -> ArtifactRef:
+    """A recorded reference (`alignflow.output` JSON) as a ModelRef or DatasetRef, by its kind."""
+    return (ModelRef if value.get("kind") == "model" else DatasetRef).model_validate(value)

@@ -9,6 +9,7 @@ its numbers are the MLflow numbers by construction and any run, old or remote, c
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +19,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-TRAINING_STAGES = ("sft", "dpo", "rft", "dpo_no_sft")
+ROUND = re.compile(r"^(.+)_r(\d+)$")  # an earlier round of iterative preference tuning: dpo_r1
+
+
+def model_order(names) -> list[str]:
+    """Evaluated models in stage order (alignflow.stages: base, sft, dpo, its baselines), each
+    preference stage's earlier rounds just before its final model; unknown labels last."""
+    from alignflow import stages
+
+    labels = list(stages.evaluated())
+
+    def key(name: str):
+        match = ROUND.match(name)
+        label, round_ = (match[1], int(match[2])) if match and match[1] in labels else (name, 10**6)
+        return (labels.index(label) if label in labels else len(labels), round_, name)
+
+    return sorted(names, key=key)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -45,7 +61,8 @@ class RunRecords:
         children = self.client.search_runs([self.parent.info.experiment_id],
                                            f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
         self.stages, self.cached = {}, {}
-        for run in sorted(children, key=lambda r: r.info.start_time):
+        self.children = sorted(children, key=lambda r: r.info.start_time)
+        for run in self.children:
             source = run.data.tags.get("alignflow.cache_source_run")
             if source:  # a cache hit: its records are the source run's
                 self.cached[run.info.run_name] = source
@@ -58,10 +75,7 @@ class RunRecords:
 
     def models(self) -> list[str]:
         """Evaluated models in stage order: base, sft, dpo rounds, dpo, baselines."""
-        names = sorted({k.split(".")[0] for k in self.metrics if k.endswith(".accuracy") and k.count(".") == 1})
-        order = lambda n: (["base", "sft"].index(n) if n in ("base", "sft") else  # noqa: E731
-                           2 if n.startswith("dpo_r") else 3 if n == "dpo" else 4, n)
-        return sorted(names, key=order)
+        return model_order({k.split(".")[0] for k in self.metrics if k.endswith(".accuracy") and k.count(".") == 1})
 
     def tasks(self) -> list[str]:
         return sorted({k.split(".", 2)[2] for k in self.metrics if k.startswith("sft.accuracy.")})
@@ -96,7 +110,8 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                        _fmt(get(f"{name}.win_rate_vs_sft")),
                        "–" if delta is None else f"{delta:+.3f} [{_fmt(get(f'{name}.delta_vs_sft_ci95_low'))}, "
                                                  f"{_fmt(get(f'{name}.delta_vs_sft_ci95_high'))}]"])
-    sections += ["## Stages", _md_table(header, rows)]
+    sections += ["## Models", _md_table(header, rows)]
+    sections += ["## Stage runs", _md_table(["stage", "MLflow run", "status", "seconds", "cached"], stage_rows(rec))]
     if rec.cached:
         sections.append("Reused from earlier runs (config, input digests and code unchanged): " + ", ".join(
             f"`{stage}` (run `{source}`)" for stage, source in rec.cached.items()) + ".")
@@ -135,7 +150,10 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     curves = []
     if "sft" in rec.stages and _plot_curves(rec, ["sft"], [("loss", "train loss")], out / "sft_loss.png"):
         curves.append("![SFT loss](sft_loss.png)")
-    trained = [s for s in rec.stages if s.split(".")[0] in TRAINING_STAGES[1:]]
+    from alignflow import stages
+
+    preference = {name for name, stage in stages.stages().items() if stage.trains and name != "sft"}
+    trained = [s for s in rec.stages if s.split(".")[0] in preference]
     if trained and _plot_curves(rec, trained, [("rewards/margins", "reward margin"),
                                                ("rewards/accuracies", "reward accuracy"), ("loss", "train loss")],
                                 out / "dpo_curves.png"):
@@ -165,6 +183,21 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     path = out / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+def stage_rows(rec: RunRecords) -> list[list]:
+    """One row per stage run of the flow run, in the registry's stage order (rounds in run order)."""
+    from alignflow import stages
+
+    order = list(stages.stages())
+    position = lambda run: order.index(run.data.tags.get("alignflow.stage", "").split(".")[0]) \
+        if run.data.tags.get("alignflow.stage", "").split(".")[0] in order else len(order)  # noqa: E731
+    rows = []
+    for run in sorted(rec.children, key=lambda r: (position(r), r.info.start_time)):
+        seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+        rows.append([run.info.run_name, f"`{run.info.run_id[:12]}`", run.info.status, _fmt(seconds, 1),
+                     "✔" if run.data.tags.get("alignflow.cache_hit") == "true" else ""])
+    return rows
 
 
 def _eval_results(rec: RunRecords) -> dict | None:

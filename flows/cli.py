@@ -20,8 +20,6 @@ import argparse
 import os
 import sys
 
-from alignflow.config import STAGES
-
 
 def _table(results: dict) -> str:
     lines = [f"{'model':<11} {'accuracy':>9} {'95% CI':>15} {'pass@k':>7} {'mean reward':>12} {'eos rate':>9}"]
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id")
     p.add_argument("--out", default=None, help="directory (default outputs/<run_id>/report)")
     p = sub.add_parser("stage", help="rerun one stage, its inputs from an earlier flow run's outputs")
-    p.add_argument("name", choices=STAGES)
+    p.add_argument("name", help="the stage (`alignflow stage --help` lists them; alignflow.stages)")
     p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                    help="a config file (default: the source run's recorded config), then overrides")
@@ -102,11 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"alignflow: {err}", file=sys.stderr)
         return 2
-    if args.command == "validate":
+    from alignflow.data import DataError
+
+    if args.command == "validate":  # what `run` checks before any model loads, nothing written
+        from alignflow.modeling import pick_device
+        from tasks.load_data import preflight
+
+        try:
+            preflight(config, pick_device(config.device))
+        except (DataError, ConfigError) as err:
+            print(f"alignflow: bad input: {err}", file=sys.stderr)
+            return 2
         print(f"{args.config}: valid (config hash {config.digest()})")
         return 0
 
-    from alignflow.data import DataError
     from flows.pipeline import align
 
     try:
@@ -127,11 +134,16 @@ def _config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
 def _stage_command(args) -> int:
     from mlflow.exceptions import MlflowException
 
+    from alignflow import stages
     from alignflow.config import ConfigError
     from alignflow.data import DataError
     from alignflow.refs import DigestMismatch
     from flows.stage import align_stage
 
+    if args.name not in stages.rerunnable():
+        print(f"alignflow stage: unknown stage {args.name!r}; stages: {', '.join(stages.rerunnable())}",
+              file=sys.stderr)
+        return 2
     config, overrides = _config_and_overrides(args.rest)
     try:
         result = align_stage(args.name, args.from_run, config, overrides)

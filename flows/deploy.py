@@ -22,8 +22,6 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignflow.config import STAGES
-
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED = ROOT / "infra" / "deployments.yaml"
 
@@ -53,9 +51,23 @@ class PipelineDeployment(BaseModel):
 
 
 class StageDeployments(BaseModel):
+    """One deployment per rerunnable stage (alignflow.stages); `names` narrows them to a few."""
+
     model_config = ConfigDict(extra="forbid")
     prefix: str = "stage-"
-    names: list[str] = list(STAGES)
+    names: list[str] | None = None  # None: every stage that can be rerun alone
+
+    @model_validator(mode="after")
+    def _known(self) -> StageDeployments:
+        from alignflow import stages
+
+        known = stages.rerunnable()
+        unknown = [n for n in self.names or [] if n not in known]
+        if unknown:
+            raise ValueError(f"stages.names: unknown or not rerunnable {unknown}; choose from {known}")
+        if self.names is None:
+            self.names = known
+        return self
 
 
 class Deployments(BaseModel):

@@ -5,9 +5,10 @@
     alignflow stage evaluate --from-run RUN_ID configs/my.yaml     # another config file
 
 Every stage tags its MLflow child run with its output references (`alignflow.output`: URI, sha256
-digest, run id). This flow reads them through MlflowClient, checks each input's digest before any
-model loads, and records the rerun as a new parent run tagged `alignflow.rerun_of` (the source) and
-`alignflow.rerun_stage`, with the stage's child run beneath it. The source runs are only read
+digest, run id). This flow reads them through MlflowClient, by the inputs the stage declares
+(alignflow.stages: the same declaration the whole flow wires from), checks each input's digest before
+any model loads, and records the rerun as a new parent run tagged `alignflow.rerun_of` (the source)
+and `alignflow.rerun_stage`, with the stage's child run beneath it. The source runs are only read
 (MLflow params are write-once: nothing is ever logged into a finished run). A rerun of a rerun
 finds inputs it did not produce in the run it came from, so `stage dpo` then `stage evaluate
 --from-run <that run>` evaluates the new DPO model beside the original base and SFT models.
@@ -23,24 +24,18 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from alignflow.config import STAGES, ConfigError, PipelineConfig, load_config, validate_config
-from alignflow.refs import ArtifactRef, DatasetRef, ModelRef
+from alignflow import stages
+from alignflow.config import ConfigError, PipelineConfig, load_config, validate_config
+from alignflow.refs import ArtifactRef, parse_ref
 from alignflow.tracking import flatten, parent_run, tracking_uri
 from flows.pipeline import run_context, run_stage
-from tasks.dpo import dpo
-from tasks.evaluate import evaluate
-from tasks.rank import rank
-from tasks.report import report
-from tasks.sample import sample
-from tasks.select_base import select_base
-from tasks.sft import sft
 
-StageName = Literal[STAGES]  # a Prefect form choice per stage
-EVALUATED = ("base", "sft", "dpo", "rft", "dpo_no_sft")  # models `stage evaluate` takes, where recorded
+StageName = Literal[tuple(stages.rerunnable())]  # a Prefect form choice per stage
 
 
 class SourceRun:
-    """A flow run's recorded stage outputs, following `alignflow.rerun_of` for what it did not make."""
+    """A flow run's recorded stage outputs, following `alignflow.rerun_of` for what it did not make.
+    As a mapping (output name -> reference) it is what a stage's declared inputs are read from."""
 
     def __init__(self, run_id: str, client: MlflowClient):
         self.client = client
@@ -61,12 +56,23 @@ class SourceRun:
                 return json.loads(children[0].data.tags["alignflow.output"])
         return None
 
-    def ref(self, stage_run_name: str, kind: type[ArtifactRef], key: str | None = None) -> ArtifactRef:
+    def ref(self, stage_run_name: str, key: str | None = None) -> ArtifactRef:
         out = self.outputs(stage_run_name)
         if out is None or (key is not None and key not in out):
             raise LookupError(f"flow run {self.run.info.run_id} has no finished `{stage_run_name}` stage "
                               f"with a recorded output{f' {key!r}' if key else ''}")
-        return kind.model_validate(out[key] if key else out)
+        return parse_ref(out[key] if key else out)
+
+    def __contains__(self, source: str) -> bool:
+        return True  # every output name is looked up in the records (a missing one raises LookupError)
+
+    def __getitem__(self, source: str):
+        if source == stages.MODELS:  # base and SFT always; each other evaluated model where recorded
+            labels = stages.evaluated()
+            return {label: self.ref(name) for label, name in labels.items()
+                    if label in ("base", "sft") or self.outputs(name) is not None}
+        stage, _, key = source.partition(".")
+        return self.ref(stage, key or None)
 
     def config(self) -> dict:
         import mlflow
@@ -85,26 +91,6 @@ def stage_config(source: SourceRun, config: str | None, overrides: list[str]) ->
     return validate_config(source.config(), source=f"config of run {source.run.info.run_id}", overrides=overrides)
 
 
-def stage_inputs(stage: str, config: PipelineConfig, source: SourceRun) -> tuple:
-    """(task, keyword inputs) for one stage, every input reference read from the source run."""
-    data = lambda key: source.ref("load_data", DatasetRef, key)  # noqa: E731
-    if stage == "select_base":
-        return select_base, dict(cfg=config.base, data=data("sft"), spec=config.embedded, lora=config.sft.lora)
-    if stage == "sft":
-        return sft, dict(cfg=config.sft, base=source.ref("select_base", ModelRef), data=data("sft"),
-                         trust_remote_code=config.base.trust_remote_code)
-    if stage == "sample":
-        return sample, dict(cfg=config.sample, policy=source.ref("sft", ModelRef), prompts=data("prompts"))
-    if stage == "rank":
-        return rank, dict(cfg=config.rank, candidates=source.ref("sample", DatasetRef))
-    if stage in ("dpo", "rft", "dpo_no_sft"):
-        return dpo, dict(cfg=config.dpo, policy=source.ref("sft", ModelRef), pairs=source.ref("rank", DatasetRef),
-                         name=stage, variant=stage)
-    models = {name: source.ref("select_base" if name == "base" else name, ModelRef)
-              for name in EVALUATED if name in ("base", "sft") or source.outputs(name) is not None}
-    return evaluate, dict(cfg=config.eval, models=models, data=data("eval"), rank_cfg=config.rank)
-
-
 def check_inputs(inputs: dict) -> None:
     """Every input reference resolves to content with its recorded digest (raises DigestMismatch)."""
     for value in inputs.values():
@@ -119,25 +105,26 @@ def align_stage(stage: StageName, from_run: str, config: str | None = None, over
     """One stage of the alignment flow, its inputs from flow run `from_run` (an MLflow run id)."""
     import mlflow
 
+    if stage not in stages.rerunnable():
+        raise LookupError(f"`{stage}` cannot be rerun alone; stages: {', '.join(stages.rerunnable())}")
     mlflow.set_tracking_uri(tracking_uri())
     source = SourceRun(from_run, MlflowClient())
     try:
         cfg = stage_config(source, config, list(overrides or []))
     except ConfigError as err:
         raise ConfigError(f"alignflow stage {stage}: {err}") from None
-    task, inputs = stage_inputs(stage, cfg, source)
+    inputs = stages.get(stage).arguments(cfg, source)
     check_inputs(inputs)  # digests checked before any model loads
     tags = {"alignflow.rerun_of": source.run.info.run_id, "alignflow.rerun_stage": stage}
     with parent_run(cfg.experiment, flow_run.name or f"stage-{stage}", cfg.digest(), flatten(cfg),
                     config=cfg.model_dump(mode="json"), tags=tags) as parent:
         ctx = run_context(cfg, parent).model_copy(update={"tags": tags})
         get_run_logger().info("rerunning %s from flow run %s", stage, source.run.info.run_id)
-        output = run_stage(task, cfg, ctx, **inputs)
+        output = run_stage(stage, cfg, ctx, {}, **inputs)
         result = {"parent_run_id": parent.run_id, "experiment_id": parent.experiment_id, "stage": stage}
         if isinstance(output, ArtifactRef):
             result["output"] = output.model_dump(mode="json")
         else:
             result |= output
-            result["report"] = report(ctx)
+            result["report"] = run_stage("report", cfg, ctx, {})
     return result
-

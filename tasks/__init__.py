@@ -1,4 +1,5 @@
-"""One module per stage; each stage is a Prefect task that takes and returns references."""
+"""One module per stage; each stage is a Prefect task that takes and returns references, and declares
+itself (config, inputs, cache pins) with `alignflow.stages.register` in its own module."""
 
 import json
 import logging
@@ -26,10 +27,11 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("alignflow")
 
 
-def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adapter: bool,
+def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, source: ModelRef, is_adapter: bool,
                        merge_adapter: bool = False) -> ModelRef:
     """Save a TRL trainer's model (weights or adapter, safetensors) with its tokenizer and chat
-    template, make generation stop at end of turn, log it to the stage's run, return its ModelRef.
+    template, make generation stop at end of turn, log it to the stage's run, return its ModelRef
+    (which keeps the `trust_remote_code` of the `source` model it was trained from).
 
     `merge_adapter`: a LoRA adapter is merged into the model it was trained on and saved as full
     weights. The preference stages need it: their starting policy may itself be a LoRA SFT merged
@@ -40,7 +42,6 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adap
     if is_adapter and merge_adapter:
         model = model.merge_and_unload()
         model.save_pretrained(str(model_dir), safe_serialization=True)
-        is_adapter = False
         mlflow.set_tag("alignflow.lora_merged", "true")
     else:
         trainer.save_model(str(model_dir))
@@ -50,7 +51,7 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, is_adap
 
     uri = call(upload_artifacts, str(model_dir), "model", run_id)  # retried on transient failures
     ref = ModelRef(uri=uri, digest=digest_path(model_dir), run_id=run_id, local_path=str(model_dir),
-                   is_adapter=is_adapter, chat_template=template_fingerprint(tokenizer))
+                   chat_template=template_fingerprint(tokenizer), trust_remote_code=source.trust_remote_code)
     record_output(ref)
     return ref
 

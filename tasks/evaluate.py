@@ -1,72 +1,32 @@
 """Stage 6: every model on the same held-out prompts with the same decoding.
 
 Per model: greedy accuracy overall and per task type with a 95% bootstrap interval over prompts,
-mean reward, response length, EOS rate, pass@k (k sampled answers, any correct) overall and per task
-type, and against the SFT model the verifier-judged win rate and a paired bootstrap interval on the
-accuracy difference. Metric names are stable (`<model>.accuracy`, `<model>.accuracy.<task>`,
+mean reward (by the rank stage's ranker, named in the `eval.reward_by` param), response length, EOS
+rate, pass@k (k sampled answers, any correct) overall and per task type, and against the SFT model
+the win rate (judged by `eval.win_rate_by`) and a paired bootstrap interval on the accuracy
+difference. Metric names are stable (`<model>.accuracy`, `<model>.accuracy.<task>`,
 `<model>.pass_at_8`, `<model>.win_rate_vs_sft`, ...) and go on both the evaluate run and the parent
-run, so runs compare column for column in the MLflow UI.
+run, so runs compare column for column in the MLflow UI. Statistics: alignflow.stats; answers: the
+configured generation engine (alignflow.generation).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import mlflow
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import EvalSection, RankSection
 from alignflow.data import read_jsonl
-from alignflow.modeling import check_template, generate, load_causal_lm, load_tokenizer, template_fingerprint
-from alignflow.rankers import Verifier, is_correct, make_ranker
+from alignflow.generation import answer
+from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
+from alignflow.stages import MODELS, Stage, register
+from alignflow.stats import bootstrap_ci, by_task, correctness, pass_at_k, versus
 from alignflow.tracking import RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
-
-
-def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean of `values`, resampling prompts with replacement."""
-    if resamples == 0 or len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def score_answers(rows: list[dict], answers: list[dict], ranker
-                  ) -> tuple[dict[str, float], np.ndarray, list[float]]:
-    """Greedy-answer metrics, and the per-prompt correctness and rewards they come from."""
-    references = [r["completion"][0]["content"] for r in rows]
-    correct = np.array([is_correct(a["text"], ref) for a, ref in zip(answers, references)], dtype=float)
-    rewards = ranker.score([r["prompt"] for r in rows], [a["text"] for a in answers], references)
-    metrics = {"accuracy": correct.mean(), "mean_reward": sum(rewards) / len(rows),
-               "eos_rate": sum(a["ended"] for a in answers) / len(rows),
-               "mean_words": sum(len(a["text"].split()) for a in answers) / len(rows)}
-    for task_name in sorted({r["task"] for r in rows}):
-        metrics[f"accuracy.{task_name}"] = correct[[r["task"] == task_name for r in rows]].mean()
-    return {k: float(v) for k, v in metrics.items()}, correct, rewards
-
-
-def greedy_answers(path: str, prompts: list, cfg: EvalSection, device: str, label: str,
-                   chat_template: str | None = None):
-    """(model, tokenizer, answers): one greedy answer per prompt, with the eval section's settings,
-    rendered with the chat template the model was recorded with (checked before the weights load)."""
-    tokenizer = load_tokenizer(path)
-    check_template(tokenizer, chat_template, f"evaluate {label}", f"model {label}")
-    model = load_causal_lm(path, device)
-    answers = [a[0] for a in generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=cfg.batch_size, progress=f"eval {label}")]
-    return model, tokenizer, answers
-
-
-def pass_at_k(rows: list[dict], samples: list[list[dict]], k: int) -> dict[str, float]:
-    """Share of prompts where any of k sampled answers is correct, overall and per task type."""
-    hits = np.array([any(is_correct(s["text"], r["completion"][0]["content"]) for s in outs)
-                     for r, outs in zip(rows, samples)], dtype=float)
-    metrics = {f"pass_at_{k}": hits.mean()}
-    for task_name in sorted({r["task"] for r in rows}):
-        metrics[f"pass_at_{k}.{task_name}"] = hits[[r["task"] == task_name for r in rows]].mean()
-    return {key: float(v) for key, v in metrics.items()}
+from tasks.transfer import local_model
 
 
 def report_prompts(rows: list[dict], n: int) -> list[int]:
@@ -82,54 +42,54 @@ def report_prompts(rows: list[dict], n: int) -> list[int]:
 def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ctx: RunContext,
              rank_cfg: RankSection | None = None, cache_key: str | None = None) -> dict:
     logger = stage_logger()
-    params = flatten({**cfg.model_dump(exclude={"data"}), **{f"model.{k}": m.uri for k, m in models.items()}},
-                     "eval")
+    ranker = rank_cfg.ranker if rank_cfg else Verifier()
+    params = flatten({**cfg.model_dump(mode="json", exclude={"data"}), "reward_by": ranker.type,
+                      **{f"model.{k}": m.uri for k, m in models.items()}}, "eval")
     with stage_run(ctx, "evaluate", params, cache_key) as run_id:
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
-        ranker = make_ranker(rank_cfg, ctx.device) if rank_cfg else Verifier()
-        verifier = Verifier()
+        scorer, verifier = ranker.open(ctx.device, fetch=local_model), Verifier()
         shown = report_prompts(rows, cfg.report_prompts)
-        results: dict = {"eval_run_id": run_id, "metrics": {}, "examples": [{"prompt": rows[i]["prompt"][-1]["content"], "task": rows[i]["task"],
-                                                      "reference": rows[i]["completion"][0]["content"], "answers": {}}
-                                                     for i in shown]}
+        results: dict = {"eval_run_id": run_id, "metrics": {}, "examples": [
+            {"prompt": rows[i]["prompt"][-1]["content"], "task": rows[i]["task"],
+             "reference": rows[i]["completion"][0]["content"], "answers": {}} for i in shown]}
         samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": []}
         correct: dict[str, np.ndarray] = {}
-        rewards: dict[str, list[float]] = {}
+        judged: dict[str, list[float]] = {}
         prompts = [r["prompt"] for r in rows]
         references = [r["completion"][0]["content"] for r in rows]
         for name, ref in models.items():
-            model, tokenizer, answers = greedy_answers(ref.resolve(), prompts, cfg, ctx.device, name, ref.chat_template)
-            mlflow.set_tag(f"alignflow.chat_template.{name}", template_fingerprint(tokenizer))
-            metrics, correct[name], ranked = score_answers(rows, answers, ranker)
+            template, answers, sampled = answer(cfg, ref, prompts, ctx.device, name, ctx.seed, cfg.pass_k)
+            mlflow.set_tag(f"alignflow.chat_template.{name}", template)
+            texts = [a["text"] for a in answers]
+            correct[name] = correctness(rows, answers)
+            rewards = scorer.score(prompts, texts, references)
+            metrics = by_task(rows, correct[name], "accuracy") | {
+                "mean_reward": sum(rewards) / len(rows), "eos_rate": sum(a["ended"] for a in answers) / len(rows),
+                "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
             metrics |= {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
             # the win rate is judged by the verifier whatever ranked the pairs, unless the config says ranker
-            rewards[name] = ranked if isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker" else \
-                verifier.score(prompts, [a["text"] for a in answers], references)
-            if cfg.pass_k:
-                sampled = generate(model, tokenizer, prompts, num_return_sequences=cfg.pass_k, do_sample=True,
-                                   temperature=cfg.pass_temperature, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=max(1, cfg.batch_size // cfg.pass_k), seed=ctx.seed,
-                                   progress=f"pass@{cfg.pass_k} {name}")
+            judged[name] = rewards if isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker" else \
+                verifier.score(prompts, texts, references)
+            if sampled is not None:
                 metrics |= pass_at_k(rows, sampled, cfg.pass_k)
             results["metrics"][name] = metrics
             for example, i in zip(results["examples"], shown):
                 example["answers"][name] = answers[i]["text"]
             logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics["accuracy"], low, high,
                         metrics["mean_reward"])
-            for row, answer, hit in list(zip(rows, answers, correct[name]))[: cfg.samples_logged]:
+            for row, a, hit in list(zip(rows, answers, correct[name]))[: cfg.samples_logged]:
                 samples["model"].append(name)
                 samples["prompt"].append(row["prompt"][-1]["content"])
                 samples["reference"].append(row["completion"][0]["content"])
-                samples["answer"].append(answer["text"])
+                samples["answer"].append(a["text"])
                 samples["correct"].append(bool(hit))
         if "sft" in models:
             for name in models:
-                if name in ("sft", "base"):
-                    continue
-                results["metrics"][name] |= versus(correct[name], correct["sft"], rewards[name], rewards["sft"],
-                                                   cfg.bootstrap, ctx.seed)
+                if name not in ("sft", "base"):
+                    results["metrics"][name] |= versus(correct[name], correct["sft"], judged[name], judged["sft"],
+                                                       cfg.bootstrap, ctx.seed)
         results["correct"] = {name: c.tolist() for name, c in correct.items()}  # per prompt, for promotion
         flat = eval_metrics(results)
         log_metrics(run_id, flat)
@@ -139,16 +99,6 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         return results
 
 
-def versus(correct: np.ndarray, baseline: np.ndarray, rewards: list[float], baseline_rewards: list[float],
-           resamples: int, seed: int) -> dict[str, float]:
-    """Head to head with the SFT model on the same prompts: verifier-judged wins/losses/ties, win
-    rate (wins over decided prompts; ties count half), and a paired bootstrap interval on the
-    accuracy difference."""
-    wins = sum(a > b for a, b in zip(rewards, baseline_rewards))
-    losses = sum(a < b for a, b in zip(rewards, baseline_rewards))
-    ties = len(rewards) - wins - losses
-    low, high = bootstrap_ci(correct - baseline, resamples, seed)
-    return {"wins_vs_sft": wins, "losses_vs_sft": losses, "ties_vs_sft": ties,
-            "win_rate_vs_sft": (wins + 0.5 * ties) / len(rewards),
-            "delta_vs_sft": float((correct - baseline).mean()),
-            "delta_vs_sft_ci95_low": low, "delta_vs_sft_ci95_high": high}
+register(Stage(name="evaluate", task=evaluate, config={"cfg": "eval", "rank_cfg": "rank"},
+               inputs={"models": MODELS, "data": "load_data.eval"},
+               describe="every model on the same held-out prompts"))

@@ -1,8 +1,9 @@
-"""Stage 0: check the inputs before any model loads: TRL trainer values, then the three datasets,
-read, validated and converted.
+"""Stage 0: check the inputs before any model loads: every active stage's own check (TRL trainer
+configs built as the stage builds them), then the three datasets, read, validated and converted.
 
 A bad file fails here with its file, row and field, the MLflow runs are marked FAILED, and the
 user's files are only read. The converted copies are what later stages consume and what MLflow holds.
+`alignflow validate` runs the same `preflight`, so it rejects what `alignflow run` rejects.
 """
 
 from __future__ import annotations
@@ -13,33 +14,39 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow import embedded
+from alignflow import embedded, stages
 from alignflow.config import PipelineConfig
 from alignflow.data import load_rows, write_jsonl
-from alignflow.modeling import attn_implementation, check_trainer_config
 from alignflow.refs import DatasetRef, digest_path
+from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, record_output, stage_run
+
+
+def sources(config: PipelineConfig) -> dict:
+    """name -> (data source, whether each row needs a reference answer)."""
+    return {"sft": (config.sft.data, True),
+            "prompts": (config.sample.prompts, config.rank.ranker.needs_reference),  # e.g. the verifier
+            "eval": (config.eval.data, True)}
+
+
+def preflight(config: PipelineConfig, device: str) -> dict[str, tuple[str, list[dict]]]:
+    """Every check that needs no model: the stages' own (TRL configs), then every dataset read and
+    validated (all before any is written). Returns name -> (source path, converted rows)."""
+    stages.check_config(config, device)
+    converted = {}
+    for name, (source, require_reference) in sources(config).items():
+        path = embedded.resolve(config.embedded, source.path, "data")
+        converted[name] = (path, load_rows(path, split=source.split, limit=source.limit,
+                                           require_reference=require_reference))
+    return converted
 
 
 @task(name="load_data", cache_policy=NONE)
 def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
-    sources = {
-        "sft": (config.sft.data, True),
-        "prompts": (config.sample.prompts, config.rank.ranker == "verifier"),  # the verifier needs answers
-        "eval": (config.eval.data, True),
-    }
-    params = {f"{name}.{k}": v for name, (src, _) in sources.items() for k, v in flatten(src).items()}
+    params = {f"{name}.{k}": v for name, (src, _) in sources(config).items() for k, v in flatten(src).items()}
     with stage_run(ctx, "load_data", params) as run_id:
-        for name, section in (("sft", config.sft), ("dpo", config.dpo)):
-            check_trainer_config(name, section.trl_config, section.trainer, ctx.device, ctx.seed,
-                                 section.checkpoint_steps, attn_implementation(section.attn_implementation, ctx.device))
-        converted = {}
-        for name, (source, require_reference) in sources.items():  # validate all before writing any
-            path = embedded.resolve(config.embedded, source.path, "data")
-            converted[name] = (path, load_rows(path, split=source.split, limit=source.limit,
-                                               require_reference=require_reference))
         refs = {}
-        for name, (path, rows) in converted.items():
+        for name, (path, rows) in preflight(config, ctx.device).items():
             out = write_jsonl(rows, Path(ctx.output_dir) / "data" / f"{name}.jsonl")
             log_dataset(rows, source=path, name=name, context=name)
             mlflow.log_artifact(str(out), "data")
@@ -48,3 +55,7 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
                                     local_path=str(out))
         record_output(refs)
         return refs
+
+
+register(Stage(name="load_data", task=load_data, config={"config": ""}, cache=False, rerun=False,
+               describe="read and check the inputs"))

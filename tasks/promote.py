@@ -17,11 +17,14 @@ from prefect.cache_policies import NONE
 
 from alignflow.config import EvalSection, RegistrySection
 from alignflow.data import read_jsonl
+from alignflow.generation import answer
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.registry import alias_version, register, version_model_dir
+from alignflow.stages import Stage
+from alignflow.stages import register as register_stage
+from alignflow.stats import bootstrap_ci, correctness
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
-from tasks.evaluate import bootstrap_ci, greedy_answers, score_answers
 
 
 def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:
@@ -30,11 +33,11 @@ def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:
 
 @task(name="promote", cache_policy=NONE)
 def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_model: ModelRef, data: DatasetRef,
-            eval_cfg: EvalSection, challenger_correct: list[float], ctx: RunContext) -> dict:
+            eval_cfg: EvalSection, evaluation: dict, ctx: RunContext) -> dict:
+    """`evaluation`: the evaluate stage's results, whose per-prompt correctness of `dpo` is the challenger's."""
     from mlflow.tracking import MlflowClient
 
-    from alignflow.rankers import Verifier
-
+    challenger_correct = evaluation["correct"]["dpo"]
     logger = stage_logger()
     sft_name, dpo_name = registry_names(cfg, experiment)
     client = MlflowClient()
@@ -52,9 +55,11 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
             decision |= {"decision": "first champion" if promoted else "already champion",
                          "champion_version": int(challenger.version)}
         else:
-            _, _, answers = greedy_answers(version_model_dir(champion), [r["prompt"] for r in rows], eval_cfg,
-                                           ctx.device, f"champion v{champion.version}")
-            champion_correct = score_answers(rows, answers, Verifier())[1]
+            # the champion was trained from the same base family: its code trust is the challenger's
+            _, answers, _ = answer(eval_cfg, dpo_model.model_copy(update={"chat_template": None}),
+                                   [r["prompt"] for r in rows], ctx.device, f"champion v{champion.version}",
+                                   path=version_model_dir(champion))
+            champion_correct = correctness(rows, answers)
             diff = np.asarray(challenger_correct) - champion_correct
             low, high = bootstrap_ci(diff, eval_cfg.bootstrap or 1000, ctx.seed)
             promoted = low > cfg.min_gain
@@ -78,3 +83,12 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
                     f"{decision['delta_ci95_high']:.3f}] vs v{decision['previous_champion_version']}"
                     if "delta" in decision else "")
         return decision
+
+
+register_stage(Stage(name="promote", task=promote,
+                     config={"cfg": "registry", "experiment": "experiment", "eval_cfg": "eval"},
+                     inputs={"sft_model": "sft", "dpo_model": "dpo", "data": "load_data.eval",
+                             "evaluation": "evaluate"},
+                     cache=False, rerun=False,  # the registry's state changes between runs
+                     enabled=lambda config: config.registry.enabled,
+                     describe="register SFT and DPO models; move `champion` only on a significant gain"))

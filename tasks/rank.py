@@ -1,4 +1,5 @@
-"""Stage 4: score every candidate, keep one pair per prompt (best vs worst or random lower), drop ties."""
+"""Stage 4: score every candidate with the configured ranker (alignflow.rankers), keep one pair per
+prompt by the configured pair strategy (alignflow.pairs), drop ties."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.caching import stage_dir
+from alignflow.components import Scorer
 from alignflow.config import RankSection
 from alignflow.data import read_jsonl, write_jsonl
-from alignflow.rankers import Ranker, build_pairs, make_ranker
+from alignflow.pairs import build_pairs
 from alignflow.refs import DatasetRef, digest_path
+from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
 from tasks.transfer import local_model
 
 
-def score_rows(ranker: Ranker, rows: list[dict]) -> list[list[float]]:
+def score_rows(scorer: Scorer, rows: list[dict]) -> list[list[float]]:
     flat = [(r["prompt"], c, r["reference"]) for r in rows for c in r["candidates"]]
-    scores = ranker.score(*map(list, zip(*flat)))
+    scores = scorer.score(*map(list, zip(*flat)))
     rewards, start = [], 0
     for r in rows:
         rewards.append(scores[start:start + len(r["candidates"])])
@@ -32,9 +35,7 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
     with stage_run(ctx, name, flatten(cfg, "rank"), cache_key) as run_id:
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
-        if cfg.ranker == "reward_model":  # a hub id is fetched with retries; a local directory is used as is
-            cfg = cfg.model_copy(update={"reward_model": local_model(cfg.reward_model)})
-        rewards = score_rows(make_ranker(cfg, ctx.device), rows)
+        rewards = score_rows(cfg.ranker.open(ctx.device, fetch=local_model), rows)
         pairs, ties = build_pairs(rows, rewards, cfg.min_margin, cfg.pairs, ctx.seed)
         if not pairs:
             raise ValueError(f"ranking left no preference pairs: all {len(rows)} prompts were ties "
@@ -59,3 +60,7 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
                          local_path=str(out), chat_template=candidates.chat_template)
         record_output(ref)
         return ref
+
+
+register(Stage(name="rank", task=rank, config={"cfg": "rank"}, inputs={"candidates": "sample"},
+               describe="candidates scored into preference pairs"))

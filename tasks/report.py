@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.report import build_report
+from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, tracking_uri
 from tasks import stage_logger
 
@@ -42,3 +43,7 @@ def report(ctx: RunContext) -> str:
                                  description=f"alignflow run report (MLflow run {ctx.parent_run_id})")
     stage_logger().info("report: %s (MLflow run %s, artifacts report/)", path, ctx.parent_run_id)
     return str(path)
+
+
+register(Stage(name="report", task=report, cache=False, rerun=False, after=("evaluate", "promote"),
+               describe="the run report (markdown and plots) from MLflow's records"))

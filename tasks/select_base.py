@@ -21,6 +21,7 @@ from alignflow.config import BaseSection, EmbeddedSpec, LoraSection
 from alignflow.data import read_jsonl
 from alignflow.modeling import load_causal_lm, load_tokenizer, template_fingerprint
 from alignflow.refs import DatasetRef, ModelRef, digest_path
+from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
 from tasks.transfer import CODE_FILES, WEIGHT_FILES, call, hub_snapshot
@@ -136,6 +137,19 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
         hub = chosen["path"] != embedded.resolve(spec, chosen["candidate"], "model")
         ref = ModelRef(uri=chosen["candidate"] if hub else chosen["path"], local_path=chosen["path"],
                        digest=digest_path(chosen["path"]), run_id=mlflow.active_run().info.run_id,
-                       chat_template=chosen["chat_template"])
+                       chat_template=chosen["chat_template"], trust_remote_code=cfg.trust_remote_code)
         record_output(ref)
         return ref
+
+
+def candidate_contents(arguments: dict) -> dict:
+    """The candidates by content (a hub id only at a pinned commit), beyond their names in the config."""
+    from alignflow.caching import model_source
+
+    cfg = arguments["cfg"]
+    return {"candidates": [model_source(c, cfg.revision) for c in cfg.candidates]}
+
+
+register(Stage(name="select_base", task=select_base, config={"cfg": "base", "spec": "embedded", "lora": "sft.lora"},
+               inputs={"data": "load_data.sft"}, pins=candidate_contents, evaluated_as="base",
+               describe="choose the base model"))

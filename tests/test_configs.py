@@ -16,7 +16,8 @@ def test_there_are_configs():
 def test_every_config_validates(path):
     config = load_config(path)
     assert config.base.candidates
-    assert len(config.digest()) == 16
+    assert load_config(path).digest() == config.digest()  # the config hash is stable ...
+    assert load_config(path, ["seed=12345"]).digest() != config.digest()  # ... and follows the content
 
 
 def test_override_is_applied_and_typed(tmp_path):
@@ -35,6 +36,10 @@ def test_override_is_applied_and_typed(tmp_path):
     ("sample.num_candidates=1", "sample.num_candidates"),
     ("sample.temperature=hot", "sample.temperature"),
     ("rank.ranker=oracle", "rank.ranker"),
+    ("rank.pairs=widest", "rank.pairs"),
+    ("sample.engine=warp", "sample.engine"),
+    ("rank.ranker={type: reward_model, model: rm, batch_sise: 8}", "batch_sise"),  # the component's own schema
+    ("dpo.baselines=[ppo]", "dpo.baselines"),
 ])
 def test_bad_key_or_value_names_the_key(override, named):
     with pytest.raises(ConfigError) as err:
@@ -43,7 +48,7 @@ def test_bad_key_or_value_names_the_key(override, named):
 
 
 def test_reward_model_ranker_needs_a_model():
-    with pytest.raises(ConfigError, match="rank.reward_model"):
+    with pytest.raises(ConfigError, match="rank.ranker: .*reward_model.*model: Field required"):
         load_config(CONFIGS[0].parent / "smoke.yaml", ["rank.ranker=reward_model"])
 
 

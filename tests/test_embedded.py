@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignflow import embedded
 from alignflow.config import EmbeddedSpec
 from alignflow.embedded.suite import TASKS, make_splits
-from alignflow.rankers import Verifier, build_pairs
+from alignflow.pairs import build_pairs
+from alignflow.rankers import Verifier
 
 
 def test_splits_are_disjoint_diverse_and_deterministic():

@@ -5,6 +5,8 @@ model it started from, and so must the registry's champion loaded back through M
 adapter that forgot the LoRA SFT beneath it answers like the base model instead (issue 10).
 """
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_c
                     "learning_rate": 2e-2 if sft_lora else 3e-3}})  # LoRA needs a higher rate to move answers
     base = base_ref(tiny_model_path)
     sft_model = sft.fn(sft_cfg, base, dataset_ref(smoke_data["sft"], tmp_path / "sft.jsonl"), run_ctx)
-    assert sft_model.is_adapter == sft_lora
+    assert (Path(sft_model.local_path) / "adapter_config.json").exists() == sft_lora
 
     prompts = [r["prompt"] for r in smoke_data["eval"] if len(r["prompt"]) == 1][:12]
     sft_answers, sft_logits = answers(sft_model.local_path, prompts), logits_of(sft_model.local_path, prompts)
@@ -72,14 +74,16 @@ def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_c
             "trainer": {**smoke_config.dpo.trainer, "learning_rate": 0.0, "max_steps": 2}})
         name = f"dpo-{'lora' if dpo_lora else 'full'}"
         dpo_model = dpo.fn(dpo_cfg, sft_model, pairs, run_ctx, name=name)
-        assert not dpo_model.is_adapter  # saved merged into the policy it started from: self-contained
+        # saved merged into the policy it started from: self-contained full weights
+        assert (Path(dpo_model.local_path) / "model.safetensors").exists()
+        assert not (Path(dpo_model.local_path) / "adapter_config.json").exists()
         assert answers(dpo_model.local_path, prompts) == sft_answers, name
         torch.testing.assert_close(logits_of(dpo_model.local_path, prompts), sft_logits, atol=1e-4, rtol=1e-4)
 
         registered = f"stack-{int(sft_lora)}{int(dpo_lora)}"
         decision = promote.fn(RegistrySection(dpo_model=registered, sft_model=f"{registered}-sft"), "stack",
                               sft_model, dpo_model, dataset_ref(smoke_data["eval"], tmp_path / "eval.jsonl"),
-                              smoke_config.eval, [0.0] * len(smoke_data["eval"]), run_ctx)
+                              smoke_config.eval, {"correct": {"dpo": [0.0] * len(smoke_data["eval"])}}, run_ctx)
         assert decision["decision"] == "first champion"
         champion = mlflow.pyfunc.load_model(f"models:/{registered}@champion")
         texts = [p[0]["content"] for p in prompts]

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from alignflow.config import ConfigError, load_config
-from alignflow.rankers import build_pairs
+from alignflow.pairs import build_pairs
+from alignflow.stats import bootstrap_ci, pass_at_k, versus
 from flows.pipeline import stage_name
-from tasks.dpo import variant_args
-from tasks.evaluate import bootstrap_ci, pass_at_k, report_prompts, versus
+from tasks.dpo import without_sft_term
+from tasks.evaluate import report_prompts
+from tasks.rft import sft_fields
 from tests.conftest import SMOKE
 
 
@@ -31,11 +33,10 @@ def test_best_random_pairs_the_best_with_some_lower_candidate():
 def test_baseline_variants_derive_their_trainer_arguments():
     args = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1, "learning_rate": 1e-4,
             "num_train_epochs": 2, "precompute_ref_log_probs": True}
-    plain = variant_args(args, "dpo_no_sft")
+    plain = without_sft_term(args)
     assert plain["loss_type"] == ["sigmoid"] and plain["loss_weights"] == [1.0] and plain["beta"] == 0.1
-    rft = variant_args(args, "rft")
+    rft = sft_fields(args)
     assert rft == {"learning_rate": 1e-4, "num_train_epochs": 2}  # SFTConfig fields only, no DPO loss
-    assert variant_args(args, "dpo") == args
 
 
 def test_rounds_and_baselines_are_config_options():

@@ -16,7 +16,7 @@ from tasks.report import prefect_markdown
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow
-SECTIONS = ["## Stages", "## Accuracy per task type", "## Base-model selection", "## Preference pairs",
+SECTIONS = ["## Models", "## Stage runs", "## Accuracy per task type", "## Base-model selection", "## Preference pairs",
             "## Training curves", "## Same prompts, every model"]
 PLOTS = ["accuracy_by_task.png", "pair_margins.png", "sft_loss.png", "dpo_curves.png"]
 
@@ -56,7 +56,7 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
     positions = [text.index(s) for s in SECTIONS]
     assert positions == sorted(positions)
     metrics = client.get_run(run_id).data.metrics
-    stage_rows = {line.split("|")[1].strip(" *"): line for line in text.split("## Stages")[1].split("##")[0]
+    stage_rows = {line.split("|")[1].strip(" *"): line for line in text.split("## Models")[1].split("##")[0]
                   .splitlines() if line.startswith("| **")}
     assert list(stage_rows) == ["base", "sft", "dpo_r1", "dpo", "dpo_no_sft", "rft"]
     for model, line in stage_rows.items():
@@ -66,6 +66,12 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
         assert cells[3] == f"{metrics[f'{model}.pass_at_8']:.3f}"
         if model not in ("base", "sft"):
             assert cells[7] == f"{metrics[f'{model}.win_rate_vs_sft']:.3f}"
+    # one row per stage run, in the registry's stage order, rounds in run order
+    runs = [line.split("|")[1].strip() for line in text.split("## Stage runs")[1].split("##")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| stage ")]
+    assert runs == ["load_data", "select_base", "sft", "sample", "sample.round2", "sample.rft.round2", "rank",
+                    "rank.round2", "rank.rft.round2", "dpo.round1", "dpo.round2", "dpo_no_sft.round1",
+                    "dpo_no_sft.round2", "rft.round1", "rft.round2", "evaluate", "promote"]
     examples = text.split("## Same prompts, every model")[1].strip().splitlines()
     assert len(examples) == 2 + 5  # header, rule, five prompts
     pairs = text.split("## Preference pairs")[1]

@@ -63,7 +63,12 @@ def test_rerun_dpo_then_evaluate_from_the_rerun(source_run):
     eval_run = children(eval_parent.info.run_id)["evaluate"]
     assert eval_run.data.params["eval.model.dpo"] == rerun["output"]["uri"]
     assert eval_run.data.params["eval.model.sft"] == source_run_uri(source_stages["sft"])
-    assert 0 <= eval_parent.data.metrics["dpo.accuracy"] <= 1 and "sft.accuracy" in eval_parent.data.metrics
+    import mlflow
+
+    evaluated = mlflow.artifacts.load_dict(f"runs:/{eval_run.info.run_id}/eval_results.json")
+    assert set(evaluated["correct"]) == {"base", "sft", "dpo"}
+    for model, correct in evaluated["correct"].items():  # the rerun's columns are its own per-prompt results
+        assert eval_parent.data.metrics[f"{model}.accuracy"] == pytest.approx(sum(correct) / len(correct))
     assert any(a.path == "report" for a in client.list_artifacts(eval_parent.info.run_id))
 
 

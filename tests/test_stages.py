@@ -1,5 +1,7 @@
 """Each stage alone on a tiny model, with a real MLflow store, asserting what it did."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -73,7 +75,7 @@ def test_sft_lora_trains_an_adapter_only(sft_config, tiny_model_path, smoke_data
     config = sft_config.model_copy(update={"lora": LoraSection(enabled=True, r=4, alpha=8)})
     data = dataset_ref(smoke_data["sft"][:64], tmp_path / "sft.jsonl")
     ref = sft.fn(config, base_ref(tiny_model_path), data, run_ctx)
-    assert ref.is_adapter
+    assert not (Path(ref.local_path) / "model.safetensors").exists()
     adapter = load_file(f"{ref.local_path}/adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
@@ -117,7 +119,7 @@ def test_reward_model_ranker_scores_with_a_sequence_classifier(tmp_path, tiny_mo
     tokenizer.save_pretrained(tmp_path / "rm")
     rows = [{"prompt": [{"role": "user", "content": "Say a word."}], "reference": None, "task": "all",
              "candidates": ["apple", "banana bread", "kite", "xylophone music"]}]
-    ref = rank.fn(RankSection(ranker="reward_model", reward_model=str(tmp_path / "rm")),
+    ref = rank.fn(RankSection(ranker={"type": "reward_model", "model": str(tmp_path / "rm")}),
                   dataset_ref(rows, tmp_path / "c.jsonl"), run_ctx)
     (pair,) = read_jsonl(ref.resolve())
     assert pair["chosen_reward"] > pair["rejected_reward"]

@@ -1,0 +1,131 @@
+"""Components chosen by config: rankers, pair strategies, generation engines.
+
+A component is a pydantic model (its own config schema, unknown keys rejected) registered under a
+name in one of the registries below. A config names it by that name, alone or with its own keys:
+
+    rank:
+      ranker: verifier                                      # a name
+      ranker: {type: reward_model, model: org/rm, batch_size: 16}   # a name and its keys
+      ranker: {type: mypkg.judges:MyJudge, threshold: 0.3}  # module:Class, imported on use
+
+A third-party component is one module: a subclass of the registry's base class, decorated with
+`@RANKERS.register("name")` (found by name once its module is imported) or named by `module:Class`
+in the config (imported then). Nothing in alignflow's core is edited to add one.
+
+What a component's output depends on beyond its config (a reward model's weights, a judge's model
+id; human labels: nothing stable) it says in `cache_pins()`, which every stage's cache key that
+carries the component includes (alignflow.caching.fingerprint).
+
+The small name -> class registry is hand-written: torchtune's `_component_` + instantiate is the
+model, but it would bring torchtune (and its pinned torch) for one function.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Component(BaseModel):
+    """A component's config; subclasses add their own fields and behaviour."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    type: str
+
+    def cache_pins(self) -> dict[str, Any]:
+        """What else this component's results depend on, by content (raise caching.Uncacheable if
+        nothing stable pins it: its stage then always runs)."""
+        return {}
+
+
+class Registry:
+    """name -> Component subclass, for one kind of component."""
+
+    def __init__(self, kind: str, builtins: tuple[str, ...]):
+        self.kind = kind
+        self.builtins = builtins  # modules whose components ship with alignflow, imported on first lookup
+        self.entries: dict[str, type[Component]] = {}
+
+    def register(self, name: str):
+        def decorate(cls: type[Component]) -> type[Component]:
+            if name in self.entries and self.entries[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {self.entries[name].__module__}")
+            self.entries[name] = cls
+            return cls
+        return decorate
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self.entries)
+
+    def _load_builtins(self) -> None:
+        for module in self.builtins:
+            importlib.import_module(module)
+
+    def lookup(self, name: str) -> type[Component]:
+        self._load_builtins()
+        if name in self.entries:
+            return self.entries[name]
+        if ":" in name:  # module:Class, imported now
+            module, _, attr = name.partition(":")
+            try:
+                cls = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as err:
+                raise ValueError(f"cannot import {self.kind} {name!r}: {err}") from None
+            if not (isinstance(cls, type) and issubclass(cls, Component)):
+                raise ValueError(f"{name!r} is not an alignflow {self.kind} (a Component subclass)")
+            return cls
+        raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())} "
+                         "(or name one as module:Class)")
+
+    def validate(self, value: Any) -> Component:
+        """A config value (a name, or a mapping with `type` and the component's keys) as the component."""
+        if isinstance(value, Component):
+            return value
+        if isinstance(value, str):
+            value = {"type": value}
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise ValueError(f"expected a {self.kind} name or a mapping with a `type` key, got {value!r}")
+        cls = self.lookup(value["type"])
+        try:
+            return cls.model_validate(value)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"{self.kind} {value['type']!r}: {problems}") from None
+
+
+class Ranker(Component):
+    """Scores candidate responses: higher is better. `open` loads what scoring needs."""
+
+    needs_reference: ClassVar[bool] = False  # the prompts must carry a reference answer
+
+    def open(self, device: str, fetch=None) -> "Scorer":
+        """The scorer; `fetch(name, revision)` makes a hub id a local directory (with retries)."""
+        raise NotImplementedError
+
+
+class Scorer:
+    def score(self, prompts: list[list[dict]], responses: list[str], references: list[str | None]) -> list[float]:
+        raise NotImplementedError
+
+
+class PairStrategy(Component):
+    """Which two candidates of a prompt make its preference pair, given their scores."""
+
+    def pick(self, scores: list[float], min_margin: float, rng) -> tuple[int, int]:
+        """(chosen, rejected) indices; a pair whose margin is at most min_margin is dropped as a tie."""
+        raise NotImplementedError
+
+
+class Engine(Component):
+    """A generation engine: `open` gives a Generator for one model (alignflow.generation)."""
+
+    def open(self, model_path: str, device: str, tokenizer=None, trust_remote_code: bool = False):
+        raise NotImplementedError
+
+
+RANKERS = Registry("ranker", ("alignflow.rankers",))
+PAIRS = Registry("pair strategy", ("alignflow.pairs",))
+ENGINES = Registry("generation engine", ("alignflow.generation",))
