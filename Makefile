@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c infra/constraints-cpu.txt)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(BIN)/alignflow: pyproject.toml infra/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# the fast tier while working: unit and single-stage tests, no whole flows or servers (-m 'not slow')
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) outputs mlflow.db mlruns mlartifacts

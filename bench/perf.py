@@ -299,7 +299,10 @@ def flow_comparison(config_path: str, repeats: int) -> dict:
             print(f"[flow] repeat {r + 1}/{repeats} with Prefect: {flow_s:.1f} s (+{wall - flow_s:.1f} s start), "
                   f"peak {rss:.2f} GB", flush=True)
             if r == repeats - 1:
-                for stage in ("sft", "dpo", "evaluate"):  # the heavy ones, each alone from this run's outputs
+                from alignflow import stages
+
+                heavy = [n for n, s in stages.stages().items() if (s.trains and not s.baseline_of) or n == "evaluate"]
+                for stage in heavy:  # the heavy ones (sft, dpo, evaluate), each alone from this run's outputs
                     _, stage_rss[stage], _ = watch([str(bin_dir / "alignflow"), "stage", stage, "--from-run", parent_id,
                                                     "cache=false"], env, tmp)
                     print(f"[flow] {stage} alone: peak {stage_rss[stage]:.2f} GB", flush=True)
@@ -384,11 +387,14 @@ def write_results(results: dict, out: Path, repeats: int, command: str, wall: fl
     out.write_text("\n".join(lines) + "\n" + kept)
 
 
+MAKERS = {"sft": sft_variants, "dpo": dpo_variants, "sample": sample_variants}  # stage -> variants compared
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", choices=["sft", "dpo", "sample", "flow"],
-                        default=["sft", "dpo", "sample", "flow"])
+    benches = [*MAKERS, "flow"]  # the stage comparisons, then the whole flow
+    parser.add_argument("--only", nargs="*", choices=benches, default=benches)
     parser.add_argument("--flow-repeats", type=int, default=1, help="the whole default flow takes ~3 min a run")
     parser.add_argument("--direct", nargs=2, metavar=("CONFIG", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
@@ -399,8 +405,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.time()
     setup = Setup(Path(args.config)) if set(args.only) - {"flow"} else None
-    makers = {"sft": sft_variants, "dpo": dpo_variants, "sample": sample_variants}
-    results = {name: run_comparison(name, makers[name](setup), args.repeats) for name in args.only if name != "flow"}
+    results = {name: run_comparison(name, MAKERS[name](setup), args.repeats) for name in args.only if name != "flow"}
     if "flow" in args.only:
         results["flow"] = flow_comparison(args.config, args.flow_repeats)
     write_results(results, Path(args.out), args.repeats, "python bench/perf.py " + " ".join(sys.argv[1:]),

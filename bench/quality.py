@@ -90,8 +90,9 @@ def main() -> int:
             run = MlflowClient().get_run(results["parent_run_id"])
             rows.append({"seed": seed, "run_id": run.info.run_id, "wall_s": time.time() - t0, **run.data.metrics})
         wall = time.time() - started
-    models = [m for m in ("base", "sft", "dpo_r1", "dpo_r2", "dpo_r3", "dpo", "rft", "dpo_no_sft")
-              if f"{m}.accuracy" in rows[0]]
+    from alignflow.report import model_order
+
+    models = model_order({k.split(".")[0] for k in rows[0] if k.endswith(".accuracy") and k.count(".") == 1})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     command = "python bench/quality.py " + " ".join(

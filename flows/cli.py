@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id")
     p.add_argument("--out", default=None, help="directory (default outputs/<run_id>/report)")
     p = sub.add_parser("stage", help="rerun one stage, its inputs from an earlier flow run's outputs")
-    p.add_argument("name", help="the stage (`alignflow stage --help` lists them; alignflow.stages)")
+    p.add_argument("name", help="the stage to rerun (alignflow.stages; an unknown name lists them)")
     p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                    help="a config file (default: the source run's recorded config), then overrides")

@@ -32,15 +32,15 @@ def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
     return f"{stage}.round{round_}" if variant == "dpo" else f"{stage}.{variant}.round{round_}"
 
 
-def run_stage(name: str, config: PipelineConfig, ctx: RunContext, outputs: dict, **given):
+def run_stage(stage_id: str, config: PipelineConfig, ctx: RunContext, outputs: dict, **given):
     """Call one registered stage with the config sections and upstream outputs it declares (`given`
     overrides them); with `cache: true`, through Prefect's cache keyed by alignflow.caching.
 
     A cache hit is used only if its outputs can still be read with their recorded digests (else the
     stage runs again), and is recorded as the stage's MLflow child run, tagged with the run it came from."""
-    stage = stages.get(name)
+    stage = stages.get(stage_id)
     inputs = stage.arguments(config, outputs, **given)
-    run_name = inputs.get("name", name)
+    run_name = inputs.get("name", stage_id)
     key = None
     if config.cache and stage.cache:
         try:

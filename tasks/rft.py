@@ -68,4 +68,5 @@ def rft(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
 
 register(Stage(name="rft", task=rft, config={"cfg": "dpo"}, inputs={"policy": "sft", "pairs": "rank"},
                evaluated_as="rft", trains=True, baseline_of="dpo",
-               enabled=lambda config: "rft" in config.dpo.baselines, check=check, describe="baseline: SFT on the chosen answers only (rejection-sampling fine-tuning)"))
+               enabled=lambda config: "rft" in config.dpo.baselines, check=check,
+               describe="baseline: SFT on the chosen answers only (rejection-sampling fine-tuning)"))

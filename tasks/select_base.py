@@ -142,6 +142,16 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
         return ref
 
 
+def check(config, device: str, out_dir) -> None:
+    """Every candidate can be found without loading it: an embedded name the spec defines, an existing
+    `.gguf` file, a local directory, or else a hub id (checked when fetched)."""
+    for name in config.base.candidates:
+        if name.startswith(embedded.PREFIX):
+            embedded.check_model_name(config.embedded, name)
+        elif name.endswith(".gguf") and not Path(name).is_file():
+            raise ValueError(f"base.candidates: {name}: GGUF file not found")
+
+
 def candidate_contents(arguments: dict) -> dict:
     """The candidates by content (a hub id only at a pinned commit), beyond their names in the config."""
     from alignflow.caching import model_source
@@ -151,5 +161,5 @@ def candidate_contents(arguments: dict) -> dict:
 
 
 register(Stage(name="select_base", task=select_base, config={"cfg": "base", "spec": "embedded", "lora": "sft.lora"},
-               inputs={"data": "load_data.sft"}, pins=candidate_contents, evaluated_as="base",
+               inputs={"data": "load_data.sft"}, pins=candidate_contents, check=check, evaluated_as="base",
                describe="choose the base model"))

@@ -16,6 +16,11 @@ from tests.test_stages import base_ref, dataset_ref
 pytestmark = pytest.mark.slow
 
 
+def evaluated(correct: list[float]) -> dict:
+    """An evaluation's results as promote reads them: the challenger's per-prompt correctness."""
+    return {"correct": {"dpo": correct}}
+
+
 def test_champion_moves_only_when_the_interval_clears_the_champion(smoke_config, tiny_model_path, smoke_data,
                                                                    run_ctx, tmp_path):
     """Real registry and a real evaluation of the champion; the challenger's per-prompt results are
@@ -32,19 +37,19 @@ def test_champion_moves_only_when_the_interval_clears_the_champion(smoke_config,
     cfg, n = RegistrySection(), len(eval_rows)
     client = MlflowClient()
 
-    first = promote.fn(cfg, "reg", sft_model, variants[0], data, smoke_config.eval, {"correct": {"dpo": [0.0] * n}}, run_ctx)
+    first = promote.fn(cfg, "reg", sft_model, variants[0], data, smoke_config.eval, evaluated([0.0] * n), run_ctx)
     assert first["decision"] == "first champion"
     assert str(alias_version("reg-dpo", "champion").version) == str(alias_version("reg-dpo", "challenger").version) == "1"
     assert client.get_model_version("reg-sft", "1").tags["alignflow.digest"] == sft_model.digest
 
     # the champion (the untuned tiny model) answers nothing correctly: a challenger right everywhere clears it
-    second = promote.fn(cfg, "reg", sft_model, variants[1], data, smoke_config.eval, {"correct": {"dpo": [1.0] * n}}, run_ctx)
+    second = promote.fn(cfg, "reg", sft_model, variants[1], data, smoke_config.eval, evaluated([1.0] * n), run_ctx)
     assert second["decision"] == "promoted" and second["delta_ci95_low"] > 0
     assert second["champion_accuracy"] == 0.0 and second["previous_champion_version"] == 1
     assert str(alias_version("reg-dpo", "champion").version) == "2"
 
     # one no better than the champion stays challenger
-    third = promote.fn(cfg, "reg", sft_model, variants[2], data, smoke_config.eval, {"correct": {"dpo": [0.0] * n}}, run_ctx)
+    third = promote.fn(cfg, "reg", sft_model, variants[2], data, smoke_config.eval, evaluated([0.0] * n), run_ctx)
     assert third["decision"] == "kept champion" and third["delta_ci95_low"] <= 0
     assert str(alias_version("reg-dpo", "champion").version) == "2"
     assert str(alias_version("reg-dpo", "challenger").version) == "3"

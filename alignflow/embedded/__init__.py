@@ -67,17 +67,29 @@ def data_dir(spec: EmbeddedSpec) -> Path:
 def data_path(spec: EmbeddedSpec, name: str) -> str:
     split = name.removeprefix(PREFIX)
     if split not in SPLITS:
-        raise ValueError(f"{name!r}: unknown embedded split; use one of {[PREFIX + s for s in SPLITS]}")
+        from alignflow.config import ConfigError
+
+        raise ConfigError(f"{name!r}: unknown embedded split; use one of {[PREFIX + s for s in SPLITS]}")
     return str(data_dir(spec) / f"{split}.jsonl")
+
+
+def check_model_name(spec: EmbeddedSpec, name: str) -> str:
+    """The model's name in the spec (or a packaged GGUF model's), or a ConfigError naming the known ones."""
+    from alignflow import gguf
+    from alignflow.config import ConfigError
+
+    model = name.removeprefix(PREFIX)
+    if model not in spec.models and gguf.packaged_source(name) is None:
+        raise ConfigError(f"{name!r}: unknown embedded model; the spec defines {sorted(spec.models)}"
+                          f" and {sorted(PREFIX + p for p in gguf.PACKAGED)} ship packaged")
+    return model
 
 
 def model_path(spec: EmbeddedSpec, name: str) -> str:
     from alignflow.embedded.models import build_base_model, train_tokenizer
     from alignflow.embedded.suite import WORDS, pretraining_text
 
-    model = name.removeprefix(PREFIX)
-    if model not in spec.models:
-        raise ValueError(f"{name!r}: unknown embedded model; the spec defines {sorted(spec.models)}")
+    model = check_model_name(spec, name)
     hidden, layers, heads = spec.models[model]
     corpus_key = _key(spec.seed, spec.pretrain_docs, spec.vocab_size)
     texts = None

@@ -1,0 +1,110 @@
+"""Logging into a run: params (secrets dropped), metrics in batches, dataset inputs, TRL's training
+metrics, and the output reference a stage records for reruns."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+from transformers import TrainerCallback
+
+SECRET_MARKERS = ("token", "secret", "password", "api_key", "apikey")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'sft.trainer.learning_rate': '0.0001'}; values that look secret are dropped."""
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump(mode="json")
+    if not isinstance(tree, dict):
+        return {prefix: str(tree)[:6000]}  # MLflow's param value limit
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if any(marker in str(key).lower() for marker in SECRET_MARKERS):
+            continue
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def record_output(output) -> None:
+    """Tag the active stage run with its output reference(s) as JSON (`alignflow.output`), so a later
+    rerun of one stage can find its inputs by flow run (`alignflow stage NAME --from-run RUN_ID`)."""
+    import json
+
+    from alignflow.refs import ArtifactRef
+
+    if isinstance(output, dict):
+        value = json.dumps({k: v.model_dump(mode="json") for k, v in output.items() if isinstance(v, ArtifactRef)})
+    else:
+        value = output.model_dump_json()
+        if output.chat_template:
+            mlflow.set_tag("alignflow.chat_template", output.chat_template)
+    mlflow.set_tag("alignflow.output", value)
+
+
+def log_params(run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k[:250], v) for k, v in params.items()]
+    client = MlflowClient()
+    for start in range(0, len(items), 100):  # MLflow's batch limit for params
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client = MlflowClient()
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start:start + 1000])
+
+
+def log_dataset(rows: list[dict], source: str, name: str, context: str) -> None:
+    """Record a dataset input (name, digest, schema, source) on the active run via mlflow.data."""
+    import json
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    frame = pd.DataFrame([{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+                          for r in rows])
+    if source.startswith("runs:/"):  # MLflow's dataset sources know the store's URI, not runs:/
+        source = RunsArtifactRepository.get_underlying_uri(source)
+    try:
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    except MlflowException:  # e.g. a hub dataset name: no resolver; the digest and schema still go in
+        dataset = mlflow.data.from_pandas(frame, name=f"{name} ({source})")
+    mlflow.log_input(dataset, context=context)
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """TRL's training metrics into the stage's own run, batched.
+
+    Hand-written because transformers' MLflowCallback logs one request per logging step and also
+    logs hundreds of TrainingArguments as params; one log_batch is ~50x cheaper than per-value calls.
+    """
+
+    def __init__(self, run_id: str, flush_every: int = 500):
+        self.run_id, self.flush_every, self.buffer = run_id, flush_every, []
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = int(time.time() * 1000)
+        numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        self.history.append({"step": state.global_step, **numeric})
+        self.buffer += [Metric(k.replace("@", "_at_"), v, now, state.global_step) for k, v in numeric.items()]
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        client = MlflowClient()
+        while self.buffer:
+            client.log_batch(self.run_id, metrics=self.buffer[:1000])
+            self.buffer = self.buffer[1000:]
