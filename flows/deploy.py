@@ -103,8 +103,12 @@ def _pipeline_kwargs(spec: Deployments) -> dict:
 
 
 def _stage_kwargs(spec: Deployments, stage: str) -> dict:
+    from alignflow import stages
+
+    what = stages.get(stage).describe
     return dict(name=f"{spec.stages.prefix}{stage}", parameters={"stage": stage}, tags=["alignflow", "stage"],
-                description=f"Rerun `{stage}` alone; from_run = the MLflow run id of the flow run to take inputs from.")
+                description=f"Rerun `{stage}` alone{f' ({what})' if what else ''}; from_run = the MLflow run id of "
+                            "the flow run to take inputs from.")
 
 
 def deploy(spec: Deployments, pool: str) -> list[str]:

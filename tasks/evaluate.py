@@ -24,7 +24,7 @@ from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import MODELS, Stage, register
 from alignflow.stats import bootstrap_ci, by_task, correctness, pass_at_k, versus
-from alignflow.tracking import RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
+from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
 from tasks.transfer import local_model
 
@@ -40,7 +40,7 @@ def report_prompts(rows: list[dict], n: int) -> list[int]:
 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ctx: RunContext,
-             rank_cfg: RankSection | None = None, cache_key: str | None = None) -> dict:
+             rank_cfg: RankSection | None = None, cache_key: str | None = None) -> EvalResults:
     logger = stage_logger()
     ranker = rank_cfg.ranker if rank_cfg else Verifier()
     params = flatten({**cfg.model_dump(mode="json", exclude={"data"}), "reward_by": ranker.type,
@@ -50,7 +50,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
         scorer, verifier = ranker.open(ctx.device, fetch=local_model), Verifier()
         shown = report_prompts(rows, cfg.report_prompts)
-        results: dict = {"eval_run_id": run_id, "metrics": {}, "examples": [
+        results: EvalResults = {"eval_run_id": run_id, "metrics": {}, "examples": [
             {"prompt": rows[i]["prompt"][-1]["content"], "task": rows[i]["task"],
              "reference": rows[i]["completion"][0]["content"], "answers": {}} for i in shown]}
         samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": []}

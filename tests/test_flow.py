@@ -12,6 +12,7 @@ from alignflow import stages
 from alignflow.config import validate_config
 from alignflow.data import DataError
 from flows.pipeline import align
+from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,8 @@ def test_whole_flow_records_every_stage(prefect_server, smoke_config):
     parent = client.get_run(results["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["alignflow.config_hash"] == smoke_config.digest()
-    assert parent.data.tags["alignflow.git_commit"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=SMOKE.parent).stdout
+    assert parent.data.tags["alignflow.git_commit"] == (head.strip() or "unknown")  # the code that ran
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     assert parent.data.params["sft.trainer.learning_rate"] == "0.003"
     for model in ("base", "sft", "dpo"):  # the parent's columns are the per-prompt results' means
@@ -118,8 +120,6 @@ def test_bad_input_fails_before_any_model_loads(prefect_server, smoke_config, tm
 
 
 def test_cli_reports_bad_config_key_and_validates(tmp_path):
-    from tests.conftest import SMOKE
-
     run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(SMOKE), "sft.trainer.lr=0.1"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "lr" in run.stderr and "SFTConfig" in run.stderr

@@ -69,9 +69,11 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
     # one row per stage run, in the registry's stage order, rounds in run order
     runs = [line.split("|")[1].strip() for line in text.split("## Stage runs")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| stage ")]
-    assert runs == ["load_data", "select_base", "sft", "sample", "sample.round2", "sample.rft.round2", "rank",
-                    "rank.round2", "rank.rft.round2", "dpo.round1", "dpo.round2", "dpo_no_sft.round1",
-                    "dpo_no_sft.round2", "rft.round1", "rft.round2", "evaluate", "promote"]
+    assert runs == ["load_data", "select_base", "sft",
+                    "sample", "sample.round2", "sample.rft.round2", "sample.dpo_no_sft.round2",
+                    "rank", "rank.round2", "rank.rft.round2", "rank.dpo_no_sft.round2",
+                    "dpo.round1", "dpo.round2", "dpo_no_sft.round1", "dpo_no_sft.round2", "rft.round1", "rft.round2",
+                    "evaluate", "promote"]
     examples = text.split("## Same prompts, every model")[1].strip().splitlines()
     assert len(examples) == 2 + 5  # header, rule, five prompts
     pairs = text.split("## Preference pairs")[1]

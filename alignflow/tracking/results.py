@@ -22,6 +22,6 @@ class EvalResults(TypedDict, total=False):
     report: str  # added by the flow: the report's path
 
 
-def eval_metrics(results: dict) -> dict[str, float]:
+def eval_metrics(results: EvalResults) -> dict[str, float]:
     """Evaluate's results as the parent run's metric columns: `<model>.<metric>`."""
     return {f"{name}.{k}": v for name, m in results["metrics"].items() for k, v in m.items()}
