@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker
 
@@ -67,6 +68,26 @@ class DataSource(Section):
     limit: int | None = Field(default=None, gt=0)  # first N rows, for quick runs
 
 
+class FlawSpec(Section):
+    """Flawed demonstrations in the embedded SFT split (the seed's "errors or a narrow style get baked
+    in"): each a share of the SFT rows, drawn without overlap. `wrong`: a wrong value of the same task
+    type; `verbose`: the right answer, then a rambling clause; `runon`: the right answer repeated past
+    any sensible length (an answer that does not stop). Rows carry a `flaw` field naming theirs."""
+
+    wrong: float = Field(default=0.0, ge=0, le=1)
+    verbose: float = Field(default=0.0, ge=0, le=1)
+    runon: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _at_most_all(self) -> FlawSpec:
+        if self.wrong + self.verbose + self.runon > 1:
+            raise ValueError("the flaw shares add up to more than 1")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        return {kind: share for kind, share in self.model_dump().items() if share > 0}
+
+
 class EmbeddedSpec(Section):
     """The built-in default: a verifiable instruction suite and tiny base models trained here."""
 
@@ -77,6 +98,7 @@ class EmbeddedSpec(Section):
     pretrain_docs: int = Field(default=4000, gt=0)
     pretrain_steps: int = Field(default=300, gt=0)
     vocab_size: int = Field(default=1024, ge=259)  # 259 = bytes + 3 special tokens: one token per character
+    flaws: FlawSpec = FlawSpec()  # flawed demonstrations in the SFT split; none by default
     tasks: list[str] | None = None  # task types of the suite (alignflow.embedded.suite.TASKS); None = all
     # name -> (hidden_size, num_layers, num_heads)
     models: dict[str, tuple[int, int, int]] = {"tiny-s": (64, 2, 4), "tiny-m": (128, 4, 4)}

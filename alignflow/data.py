@@ -147,12 +147,15 @@ def convert_row(row: dict, shape: str, source: str, i: int, require_reference: b
     if require_reference and not (answer and answer.strip()):
         field = {"alpaca": "output", "messages": "messages", "prompt_completion": "completion"}[shape]
         raise DataError(source, "no reference answer (needed by this stage)", row=i, field=field)
-    task = row.get("task")
-    return {
+    task, flaw = row.get("task"), row.get("flaw")
+    converted = {
         "prompt": prompt,
         "completion": [{"role": "assistant", "content": answer}] if answer else [],
         "task": task if isinstance(task, str) and task else "all",
     }
+    if isinstance(flaw, str) and flaw:  # a known flaw of this demonstration (the embedded suite's `flaws`)
+        converted["flaw"] = flaw
+    return converted
 
 
 def load_rows(path: str, *, split: str = "train", limit: int | None = None,

@@ -2,6 +2,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,3 +69,42 @@ def _smoke_spec():
     from alignflow.config import load_config
 
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml").embedded
+
+
+def test_flawed_demonstrations_take_their_share_and_are_what_they_say():
+    from alignflow.embedded.suite import add_flaws
+
+    rows = make_splits({"sft": 400}, seed=3)["sft"]
+    flawed = add_flaws(rows, {"wrong": 0.2, "verbose": 0.1, "runon": 0.05}, seed=3)
+    assert rows == make_splits({"sft": 400}, seed=3)["sft"]  # the input is not modified
+    kinds = [r.get("flaw") for r in flawed]
+    assert (kinds.count("wrong"), kinds.count("verbose"), kinds.count("runon")) == (80, 40, 20)
+    verifier = Verifier()
+    for clean, row in zip(rows, flawed):
+        assert (clean["instruction"], clean["input"], clean["task"]) == (row["instruction"], row["input"], row["task"])
+        score = verifier.score([None], [row["output"]], [clean["output"]])[0]
+        if row.get("flaw") is None:
+            assert row == clean
+        else:  # every flaw is one the verifier counts against the answer
+            assert score < 1.0, row
+        if row.get("flaw") in ("verbose", "runon"):
+            assert row["output"].startswith(clean["output"]) and len(row["output"]) > 2 * len(clean["output"])
+    assert add_flaws(rows, {"wrong": 0.2}, seed=3) == add_flaws(rows, {"wrong": 0.2}, seed=3)  # seeded
+    assert add_flaws(rows, {"wrong": 0.2}, seed=3) != add_flaws(rows, {"wrong": 0.2}, seed=4)
+
+
+def test_flaws_reach_the_converted_sft_split_only(tmp_path):
+    from alignflow.config import ConfigError, load_config
+    from alignflow.data import load_rows
+    from tests.conftest import SMOKE
+
+    spec = load_config(SMOKE, ["embedded.flaws.runon=0.25"]).embedded
+    clean = load_config(SMOKE).embedded
+    assert embedded.data_dir(spec) != embedded.data_dir(clean)
+    sft = load_rows(embedded.data_path(spec, "embedded:sft"))
+    assert sum(r.get("flaw") == "runon" for r in sft) == round(0.25 * len(sft))
+    for split in ("prompts", "eval"):  # what sampling and evaluation see is the clean suite
+        assert load_rows(embedded.data_path(spec, f"embedded:{split}")) == \
+            load_rows(embedded.data_path(clean, f"embedded:{split}"))
+    with pytest.raises(ConfigError, match="more than 1"):
+        load_config(SMOKE, ["embedded.flaws.wrong=0.6", "embedded.flaws.verbose=0.6"])

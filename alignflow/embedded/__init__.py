@@ -53,15 +53,18 @@ def _build_atomically(target: Path, build) -> Path:
 
 def data_dir(spec: EmbeddedSpec) -> Path:
     from alignflow.data import write_jsonl
-    from alignflow.embedded.suite import SUITE_VERSION, make_splits
+    from alignflow.embedded.suite import SUITE_VERSION, add_flaws, make_splits
 
     sizes = {"sft": spec.sft_examples, "prompts": spec.prompt_examples, "eval": spec.eval_examples}
+    flaws = spec.flaws.shares()
 
     def build(tmp: Path) -> None:
         for split, rows in make_splits(sizes, spec.seed, spec.tasks).items():
-            write_jsonl(rows, tmp / f"{split}.jsonl")
+            write_jsonl(add_flaws(rows, flaws, spec.seed) if split == "sft" else rows, tmp / f"{split}.jsonl")
 
-    return _build_atomically(home() / "data" / _key(sizes, spec.seed, spec.tasks, SUITE_VERSION), build)
+    # without flaws the key (and the data) is what it was before flaws existed
+    key = _key(sizes, spec.seed, spec.tasks, SUITE_VERSION, *([flaws] if flaws else []))
+    return _build_atomically(home() / "data" / key, build)
 
 
 def data_path(spec: EmbeddedSpec, name: str) -> str:

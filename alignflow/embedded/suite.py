@@ -188,6 +188,40 @@ def make_splits(sizes: dict[str, int], seed: int, tasks: list[str] | None = None
     return splits
 
 
+RAMBLES = ("because that is what the words say", "as far as I can tell from looking at it",
+           "which I worked out by reading it twice", "if I understood the question right")
+
+
+def add_flaws(rows: list[dict], shares: dict[str, float], seed: int) -> list[dict]:
+    """A copy of `rows` where each flaw kind (`wrong`, `verbose`, `runon`) takes its share of the rows,
+    disjoint, drawn with `seed`; a flawed row names its kind in `flaw`. A wrong answer is another row's
+    answer of the same task type (so it is a plausible value: the other of yes/no, a neighbouring count)."""
+    rng = random.Random(f"flaws-{seed}")
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    by_task: dict[str, list[str]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row["output"])
+    out = [dict(row) for row in rows]
+    start = 0
+    for kind in ("wrong", "verbose", "runon"):
+        count = round(shares.get(kind, 0.0) * len(rows))
+        for i in order[start:start + count]:
+            row, answer = out[i], out[i]["output"]
+            if kind == "wrong":
+                others = sorted({a for a in by_task[row["task"]] if a != answer})
+                if not others:
+                    continue  # a task type with one answer only cannot be answered wrongly by another row's
+                row["output"] = rng.choice(others)
+            elif kind == "verbose":
+                row["output"] = f"{answer}, {rng.choice(RAMBLES)}"
+            else:
+                row["output"] = " ".join([answer] * 12)
+            row["flaw"] = kind
+        start += count
+    return out
+
+
 def pretraining_text(seed: int, n_docs: int) -> list[str]:
     """Plain prose about the suite's words and numbers: knowledge without the chat format.
 
