@@ -208,7 +208,8 @@ class EvalSection(Section):
     pass_k: int = Field(default=8, ge=0)  # also sample k answers per prompt for pass@k; 0 = skip
     pass_temperature: float = Field(default=1.0, gt=0)
     bootstrap: int = Field(default=1000, ge=0)  # resamples for the 95% intervals; 0 = none
-    report_prompts: int = Field(default=5, ge=0)  # eval prompts answered side by side in the report
+    # eval prompts answered side by side in the report, drawn at random (seeded), plus one where SFT and DPO differ
+    report_prompts: int = Field(default=5, ge=0)
     # who judges the head-to-head against SFT (win rate): the verifier (needs reference answers that are
     # the one right answer) or the rank stage's ranker (a reward model: open-ended instructions)
     win_rate_by: Literal["verifier", "ranker"] = "verifier"

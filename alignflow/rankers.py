@@ -39,6 +39,32 @@ class Verifier(Ranker, Scorer):
                 for resp, ref in zip(responses, references)]
 
 
+@RANKERS.register("checker")
+class Checker(Verifier):
+    """The verifier's scores against the answer worked out from the prompt itself (the embedded suite's
+    task types: alignflow.embedded.suite.solve), as math and code verifiers check a solution from the
+    problem: sampling prompts need no reference answer. A prompt it cannot solve falls back to its
+    reference answer; with neither, the error names the prompt."""
+
+    type: str = "checker"
+    needs_reference: ClassVar[bool] = False
+
+    def open(self, device: str, fetch=None) -> Checker:
+        return self
+
+    def score(self, prompts, responses, references):
+        from alignflow.embedded.suite import solve
+
+        solved = []
+        for i, (prompt, ref) in enumerate(zip(prompts, references)):
+            answer = solve(prompt[-1]["content"]) or ref
+            if answer is None:
+                raise ValueError(f"the checker cannot answer prompt {i + 1} ({prompt[-1]['content'][:60]!r}) from "
+                                 "the prompt alone and it has no reference answer")
+            solved.append(answer)
+        return super().score(prompts, responses, solved)
+
+
 @RANKERS.register("reward_model")
 class RewardModelRanker(Ranker):
     """Any AutoModelForSequenceClassification (local directory or hub id): the first logit of

@@ -122,6 +122,7 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     sections += ["## Accuracy per task type", _md_table(task_header, task_rows),
                  "![accuracy per task type](accuracy_by_task.png)"]
     _plot_tasks(rec, models, tasks, out / "accuracy_by_task.png")
+    sections += flaw_section(rec, models, tasks, out / "flaws.png")
 
     if "select_base" in rec.stages:
         table = _load_table(rec.stages["select_base"].info.run_id, "candidates.json")
@@ -176,13 +177,64 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     results = _eval_results(rec)
     if results and results.get("examples"):
         shown = [n for n in models if n in results["examples"][0]["answers"]]
-        sections += ["## Same prompts, every model", _md_table(
-            ["task", "prompt", "reference", *shown],
-            [[e["task"], e["prompt"], e["reference"], *(repr(e["answers"][n]) for n in shown)]
+        sections += ["## Same prompts, every model",
+                     "Prompts drawn at random (seeded by the run's seed); the last, where marked, is drawn among "
+                     "the prompts where SFT and DPO answer differently.", _md_table(
+            ["shown", "task", "prompt", "reference", *shown],
+            [[e.get("label", "random"), e["task"], e["prompt"], e["reference"], *(repr(e["answers"][n]) for n in shown)]
              for e in results["examples"]])]
     path = out / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+FLAW_NAMES = {"wrong": "wrong value", "verbose": "verbose", "runon": "run-on"}
+
+
+def flaw_section(rec: RunRecords, models: list[str], tasks: list[str], plot: Path) -> list[str]:
+    """What the preference stage changed: the share of held-out answers with each flaw (alignflow.stats
+    .flaw_of) per model, and per task type before (SFT) and after (DPO); the SFT data's own flaws
+    when it declared them (the embedded suite's `embedded.flaws`)."""
+    from alignflow.stats import FLAWS
+
+    m = rec.metrics
+    if not all(f"{n}.flaw_wrong" in m for n in ("sft", "dpo")):
+        return []
+    lines = ["## What the preference stage changed",
+             "Each held-out answer (greedy) is exact, or has one flaw: a **wrong value**, **verbose** (the right "
+             "value, then rambling past it) or **run-on** (the right value said again and again, no end of turn)."]
+    data = rec.stages["load_data"].data.metrics if "load_data" in rec.stages else {}
+    declared = {k: data[f"sft.flaw_share.{k}"] for k in FLAWS if data.get(f"sft.flaw_share.{k}")}
+    if declared:
+        lines.append("The SFT demonstrations had " + ", ".join(f"{v:.0%} {FLAW_NAMES[k]}" for k, v in declared.items())
+                     + " answers; sampling prompts and held-out prompts are clean.")
+    lines.append(_md_table(["model", "exact", *(FLAW_NAMES[k] for k in FLAWS), "EOS rate"],
+                           [[f"**{n}**", _fmt(m.get(f"{n}.accuracy")), *(_fmt(m.get(f"{n}.flaw_{k}")) for k in FLAWS),
+                             _fmt(m.get(f"{n}.eos_rate"))] for n in models if f"{n}.flaw_wrong" in m]))
+    lines.append(_md_table(["task", "exact SFT → DPO", *(f"{FLAW_NAMES[k]} SFT → DPO" for k in FLAWS)],
+                           [[t, *(f"{_fmt(m.get(f'sft.{key}.{t}'))} → {_fmt(m.get(f'dpo.{key}.{t}'))}"
+                                  for key in ["accuracy", *(f"flaw_{k}" for k in FLAWS)])] for t in tasks]))
+    _plot_flaws(m, [n for n in models if f"{n}.flaw_wrong" in m], plot)
+    lines.append(f"![answers by flaw]({plot.name})")
+    return lines
+
+
+def _plot_flaws(m: dict, models: list[str], path: Path) -> None:
+    from alignflow.stats import FLAWS
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(models)), 3.5))
+    bottom = [0.0] * len(models)
+    for key, label, color in [("accuracy", "exact", "#4c9a2a"), *((f"flaw_{k}", FLAW_NAMES[k], c) for k, c in
+                                                                  zip(FLAWS, ["#c0392b", "#e67e22", "#8e44ad"]))]:
+        values = [m.get(f"{n}.{key}", 0.0) for n in models]
+        ax.bar(models, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("share of held-out answers")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def stage_rows(rec: RunRecords) -> list[list]:

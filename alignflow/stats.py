@@ -1,5 +1,6 @@
 """Evaluation statistics, shared by the stages that judge models (evaluate, promote): exact-match
-correctness, bootstrap intervals, pass@k, and the head-to-head against a baseline."""
+correctness, what is wrong with a wrong answer, bootstrap intervals, pass@k, and the head-to-head
+against a baseline."""
 
 from __future__ import annotations
 
@@ -12,6 +13,40 @@ def normalize(text: str) -> str:
 
 def is_correct(response: str, reference: str | None) -> bool:
     return reference is not None and normalize(response) == normalize(reference)
+
+
+FLAWS = ("wrong", "verbose", "runon")  # what can be wrong with a short answer, in the report's order
+
+
+def flaw_of(response: str, reference: str | None) -> str | None:
+    """What is wrong with an answer to a short-answer question, or None when it is the reference:
+    `runon` (the right answer said again and again, never ending the turn: the cut-off tail of a
+    generation that hit max_new_tokens counts), `verbose` (the right answer, then words that are not
+    it: rambling past the answer) or `wrong` (anything else: a wrong value, an empty answer)."""
+    if reference is None:
+        return "wrong"
+    resp, ref = normalize(response), normalize(reference)
+    if resp == ref:
+        return None
+    rest = resp[len(ref):]
+    if not ref or not resp.startswith(ref) or rest[0].isalnum():  # "12" is not "1" said at length
+        return "wrong"
+    words, ref_words = rest.split(), ref.split()
+    if rest[0] == " " and all(w in ref_words or (i == len(words) - 1 and any(r.startswith(w) for r in ref_words))
+                              for i, w in enumerate(words)):
+        return "runon"
+    return "verbose"
+
+
+def flaw_shares(rows: list[dict], answers: list[dict]) -> dict[str, float]:
+    """Share of answers with each flaw (alignflow.stats.FLAWS), overall (`flaw_<kind>`) and per task
+    type (`flaw_<kind>.<task>`)."""
+    kinds = [flaw_of(a["text"], r["completion"][0]["content"] if r.get("completion") else None)
+             for a, r in zip(answers, rows)]
+    shares: dict[str, float] = {}
+    for kind in FLAWS:
+        shares |= by_task(rows, np.array([k == kind for k in kinds], dtype=float), f"flaw_{kind}")
+    return shares
 
 
 def correctness(rows: list[dict], answers: list[dict]) -> np.ndarray:

@@ -1,11 +1,15 @@
-"""Quality benchmark: the default flow over several seeds, judged against issue #3's goal.
+"""Quality benchmark: the shipped default (flawed demonstrations) and the clean suite over several
+seeds, judged against issue #12's goal.
 
-    python bench/quality.py                                  # seeds 0 1 2 -> docs/results.md
-    python bench/quality.py --seeds 0 --out /tmp/r.md dpo.trainer.beta=0.2   # a lever, one seed
+    python bench/quality.py                                  # both configs, seeds 0 1 2 -> docs/results.md
+    python bench/quality.py --configs configs/default.yaml --seeds 0 --out /tmp/r.md dpo.trainer.beta=0.2
 
-Each seed is one full flow run (same embedded data and base models, different training and sampling
-seed) logged to MLflow (experiment `alignflow-quality` unless overridden); the numbers in the
-results file are read back from those runs.
+Each (config, seed) is one full flow run (same embedded data and base models per config, different
+training and sampling seed) logged to MLflow (experiment `alignflow-quality` unless overridden); the
+numbers in the results file are read back from those runs. The goal compares the first config (the
+flawed default) with the second (the same suite, clean: its SFT model is what the flaws cost). When
+the output file holds the markers `<!-- quality:begin -->` / `<!-- quality:end -->`, only the part
+between them is replaced (the hand-written reading around it stays).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
 def machine() -> str:
@@ -35,37 +40,79 @@ def f3(x: float) -> str:
     return f"{x:.3f}"
 
 
-def goal_lines(rows: list[dict]) -> list[str]:
-    """The issue's goal, checked per seed and on the mean."""
-    def mean(key):
-        return sum(r[key] for r in rows) / len(rows)
+def mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
-    sft, dpo, pk = mean("sft.accuracy"), mean("dpo.accuracy"), mean("sft.pass_at_8")
-    closed = (dpo - sft) / (pk - sft) if pk > sft else float("nan")
+
+def goal_lines(flawed: list[dict], clean: list[dict] | None) -> list[str]:
+    """Issue #12's goal, per seed and on the mean: DPO well above the flawed SFT, most of the way back
+    to the clean suite's SFT, and at least as good as RFT."""
+    sft, dpo, rft = mean(flawed, "sft.accuracy"), mean(flawed, "dpo.accuracy"), mean(flawed, "rft.accuracy")
     checks = [
-        ("base ≈ 0 (mean base accuracy ≤ 0.05)", mean("base.accuracy") <= 0.05, f3(mean("base.accuracy"))),
-        ("SFT ≥ 0.7 (mean; per seed)", sft >= 0.7, f"{f3(sft)}; " + ", ".join(f3(r["sft.accuracy"]) for r in rows)),
-        ("DPO ≥ SFT + 0.05 (mean)", dpo >= sft + 0.05, f"{dpo - sft:+.3f}"),
-        ("DPO closes ≥ 1/3 of SFT's greedy→pass@8 gap (mean)", closed >= 1 / 3, f"{closed:.2f}"),
-        ("DPO ≥ SFT in every seed", all(r["dpo.accuracy"] >= r["sft.accuracy"] for r in rows),
-         ", ".join(f"{r['dpo.accuracy'] - r['sft.accuracy']:+.3f}" for r in rows)),
-        ("DPO beats RFT (mean)", dpo > mean("rft.accuracy"), f"{dpo - mean('rft.accuracy'):+.3f}"),
-        ("DPO beats DPO without the SFT term (mean)", dpo > mean("dpo_no_sft.accuracy"),
-         f"{dpo - mean('dpo_no_sft.accuracy'):+.3f}"),
+        ("DPO ≥ SFT + 0.10 in every seed", all(r["dpo.accuracy"] >= r["sft.accuracy"] + 0.10 for r in flawed),
+         ", ".join(f"{r['dpo.accuracy'] - r['sft.accuracy']:+.3f}" for r in flawed)),
+        ("paired 95% interval of DPO − SFT above 0 in every seed",
+         all(r["dpo.delta_vs_sft_ci95_low"] > 0 for r in flawed),
+         ", ".join(f"[{f3(r['dpo.delta_vs_sft_ci95_low'])}, {f3(r['dpo.delta_vs_sft_ci95_high'])}]" for r in flawed)),
     ]
+    if clean:
+        target = mean(clean, "sft.accuracy")
+        recovered = (dpo - sft) / (target - sft) if target > sft else float("nan")
+        checks.append((f"DPO recovers ≥ 80% of the gap to the clean suite's SFT (mean; clean SFT {f3(target)})",
+                       recovered >= 0.8, f"{recovered:.0%} (flawed SFT {f3(sft)} → DPO {f3(dpo)})"))
+    checks.append(("DPO ≥ RFT (mean)", dpo >= rft, f"{dpo - rft:+.3f} (RFT {f3(rft)})"))
+    if "dpo_no_sft.accuracy" in flawed[0]:
+        checks.append(("DPO ≥ DPO without the SFT term (mean)", dpo >= mean(flawed, "dpo_no_sft.accuracy"),
+                       f"{dpo - mean(flawed, 'dpo_no_sft.accuracy'):+.3f}"))
     return ["| goal | met | value |", "|---|---|---|"] + [f"| {g} | {'yes' if ok else '**no**'} | {v} |"
                                                           for g, ok, v in checks]
 
 
+def config_section(name: str, rows: list[dict]) -> list[str]:
+    """One config's tables: accuracy per seed, per task type, and the answers' flaws (mean over seeds)."""
+    from alignflow.report import FLAW_NAMES, model_order
+    from alignflow.stats import FLAWS
+
+    models = model_order({k.split(".")[0] for k in rows[0] if k.endswith(".accuracy") and k.count(".") == 1})
+    walls = ", ".join(f"{r['wall_s']:.0f} s" for r in rows)
+    out = [f"### {name}: greedy accuracy per seed", "", f"Wall time per flow run: {walls}.", "",
+           "| seed | " + " | ".join(models) + " | SFT pass@8 | DPO win rate vs SFT | DPO − SFT [95% CI] | MLflow run |",
+           "|" + "---|" * (len(models) + 5)]
+    for r in rows:
+        cells = [f"{f3(r[f'{m}.accuracy'])} [{f3(r[f'{m}.accuracy_ci95_low'])}, {f3(r[f'{m}.accuracy_ci95_high'])}]"
+                 for m in models]
+        out.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {f3(r['sft.pass_at_8'])} | "
+                   f"{f3(r['dpo.win_rate_vs_sft'])} | {r['dpo.delta_vs_sft']:+.3f} "
+                   f"[{f3(r['dpo.delta_vs_sft_ci95_low'])}, {f3(r['dpo.delta_vs_sft_ci95_high'])}] | `{r['run_id'][:12]}` |")
+    out.append("| mean | " + " | ".join(f3(mean(rows, f"{m}.accuracy")) for m in models) + " | "
+               f"{f3(mean(rows, 'sft.pass_at_8'))} | {f3(mean(rows, 'dpo.win_rate_vs_sft'))} | "
+               f"{mean(rows, 'dpo.delta_vs_sft'):+.3f} | |")
+    tasks = sorted(k.split(".", 2)[2] for k in rows[0] if k.startswith("sft.accuracy."))
+    out += ["", f"### {name}: per task type (mean over seeds), greedy / pass@8", "",
+            "| task | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
+    for t in tasks:
+        out.append(f"| {t} | " + " | ".join(
+            f"{f3(mean(rows, f'{m}.accuracy.{t}'))} / {f3(mean(rows, f'{m}.pass_at_8.{t}'))}" for m in models) + " |")
+    if all(f"{m}.flaw_wrong" in rows[0] for m in models):
+        out += ["", f"### {name}: what is wrong with the answers (share of held-out answers, mean over seeds)", "",
+                "| model | exact | " + " | ".join(FLAW_NAMES[k] for k in FLAWS) + " | EOS rate |",
+                "|" + "---|" * (len(FLAWS) + 3)]
+        out += [f"| {m} | {f3(mean(rows, f'{m}.accuracy'))} | "
+                + " | ".join(f3(mean(rows, f"{m}.flaw_{k}")) for k in FLAWS) + f" | {f3(mean(rows, f'{m}.eos_rate'))} |"
+                for m in models]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "default.yaml"),
+                                                         str(ROOT / "configs" / "clean.yaml")])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--experiment", default="alignflow-quality")
-    parser.add_argument("--from-runs", nargs="+", default=None, metavar="RUN_ID",
+    parser.add_argument("--from-runs", nargs="+", default=None, metavar="CONFIG=RUN_ID",
                         help="write the results from finished parent runs instead of running the flow")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every seed (a lever to try)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run (a lever to try)")
     args = parser.parse_args()
 
     from mlflow.tracking import MlflowClient
@@ -74,61 +121,53 @@ def main() -> int:
     from alignflow.tracking import tracking_uri
     from flows.pipeline import align
 
-    started, rows = time.time(), []
+    started, results = time.time(), {}
     if args.from_runs:
-        for run_id in args.from_runs:
+        for item in args.from_runs:
+            config, run_id = item.rsplit("=", 1)
             run = MlflowClient().get_run(run_id)
-            rows.append({"seed": int(run.data.params["seed"]), "run_id": run_id,
-                         "wall_s": (run.info.end_time - run.info.start_time) / 1000, **run.data.metrics})
-        args.seeds = [r["seed"] for r in rows]
-        wall = sum(r["wall_s"] for r in rows)
+            results.setdefault(config, []).append({
+                "seed": int(run.data.params["seed"]), "run_id": run_id,
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000, **run.data.metrics})
+        args.configs, args.seeds = list(results), [r["seed"] for r in next(iter(results.values()))]
+        wall = sum(r["wall_s"] for rows in results.values() for r in rows)
     else:
-        for seed in args.seeds:
-            config = load_config(args.config, [f"experiment={args.experiment}", *args.overrides, f"seed={seed}"])
-            t0 = time.time()
-            results = align(config)
-            run = MlflowClient().get_run(results["parent_run_id"])
-            rows.append({"seed": seed, "run_id": run.info.run_id, "wall_s": time.time() - t0, **run.data.metrics})
+        for path in args.configs:
+            for seed in args.seeds:
+                config = load_config(path, [f"experiment={args.experiment}", *args.overrides, f"seed={seed}"])
+                t0 = time.time()
+                flow = align(config)
+                run = MlflowClient().get_run(flow["parent_run_id"])
+                results.setdefault(path, []).append({"seed": seed, "run_id": run.info.run_id,
+                                                     "wall_s": time.time() - t0, **run.data.metrics})
         wall = time.time() - started
-    from alignflow.report import model_order
-
-    models = model_order({k.split(".")[0] for k in rows[0] if k.endswith(".accuracy") and k.count(".") == 1})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     command = "python bench/quality.py " + " ".join(
-        [f"--seeds {' '.join(map(str, args.seeds))}"] + [shlex.quote(o) for o in args.overrides])
-    walls = ", ".join(f"{r['wall_s']:.0f} s" for r in rows)
-    out = [f"# Quality benchmark: {Path(args.config).name}, seeds {args.seeds}", "",
+        [f"--configs {' '.join(os.path.relpath(c, ROOT) for c in args.configs)}",
+         f"--seeds {' '.join(map(str, args.seeds))}"] + [shlex.quote(o) for o in args.overrides])
+    names = [Path(c).name for c in args.configs]
+    groups = list(results.values())
+    out = [BEGIN, f"## Quality benchmark: {', '.join(names)}; seeds {args.seeds}", "",
            f"- command: `{command}` (git {commit}, tracking `{tracking_uri()}`, experiment `{args.experiment}`)",
            f"- machine: {machine()}",
-           f"- wall time: {wall / 60:.1f} min for {len(rows)} flow runs ({walls})",
-           f"- held-out eval: {int(sum(1 for k in rows[0] if k.startswith('sft.accuracy.')))} task types, greedy decoding; "
-           "[a, b] = 95% bootstrap interval over eval prompts; pass@8 = any of 8 samples at temperature 1 correct",
-           "- what each lever did, and how the suite was chosen: [levers.md](levers.md); answers are balanced "
-           "within each task type, so a model that only learned the answer prior scores 1/2 (yes/no, "
-           "first/second, even/odd, 1/2 letters), 1/3 (3–5 vowels) or 1/8 (2–9 words)",
-           "", "## Goal", "", *goal_lines(rows), "", "## Greedy accuracy per seed", "",
-           "| seed | " + " | ".join(models) + " | SFT pass@8 | DPO win rate vs SFT | DPO − SFT [95% CI] | MLflow run |",
-           "|" + "---|" * (len(models) + 5)]
-    for r in rows:
-        cells = [f"{f3(r[f'{m}.accuracy'])} [{f3(r[f'{m}.accuracy_ci95_low'])}, {f3(r[f'{m}.accuracy_ci95_high'])}]"
-                 for m in models]
-        out.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {f3(r['sft.pass_at_8'])} | "
-                   f"{f3(r['dpo.win_rate_vs_sft'])} | {r['dpo.delta_vs_sft']:+.3f} [{f3(r['dpo.delta_vs_sft_ci95_low'])}, "
-                   f"{f3(r['dpo.delta_vs_sft_ci95_high'])}] | `{r['run_id'][:12]}` |")
-    mean = {m: sum(r[f"{m}.accuracy"] for r in rows) / len(rows) for m in models}
-    out.append("| mean | " + " | ".join(f3(mean[m]) for m in models) + " | "
-               f"{f3(sum(r['sft.pass_at_8'] for r in rows) / len(rows))} | "
-               f"{f3(sum(r['dpo.win_rate_vs_sft'] for r in rows) / len(rows))} | | |")
-    tasks = sorted(k.split(".", 2)[2] for k in rows[0] if k.startswith("sft.accuracy."))
-    out += ["", "## Per task type (mean over seeds): greedy / pass@8", "",
-            "| task | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
-    for t in tasks:
-        out.append(f"| {t} | " + " | ".join(
-            f"{f3(sum(r[f'{m}.accuracy.{t}'] for r in rows) / len(rows))} / "
-            f"{f3(sum(r[f'{m}.pass_at_8.{t}'] for r in rows) / len(rows))}" for m in models) + " |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(out) + "\n")
+           f"- wall time: {wall / 60:.1f} min for {sum(len(g) for g in groups)} flow runs, one after another",
+           f"- held-out eval: {int(sum(1 for k in groups[0][0] if k.startswith('sft.accuracy.')))} task types, greedy "
+           "decoding, exact match; [a, b] = 95% bootstrap interval over eval prompts; pass@8 = any of 8 samples at "
+           "temperature 1 correct; a wrong answer is a wrong value, verbose (the right value, then rambling) or "
+           "run-on (the right value repeated, no end of turn)",
+           "", f"### Goal ({names[0]}" + (f", against {names[1]}'s SFT" if len(names) > 1 else "") + ")", "",
+           *goal_lines(groups[0], groups[1] if len(groups) > 1 else None)]
+    for name, rows in zip(names, groups):
+        out += ["", *config_section(name, rows)]
+    out.append(END)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(out) + "\n"
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:  # keep the hand-written reading around the generated part
+        text = old[: old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
+    path.write_text(text)
     print("\n".join(out))
     return 0
 

@@ -31,13 +31,26 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _examples(examples: list[dict]) -> str:
+    """The report's side-by-side prompts, one line each: random ones, then one where SFT and DPO differ."""
+    if not examples:
+        return ""
+    models = list(examples[0]["answers"])
+    cut = lambda text, n: text if len(text) <= n else text[: n - 1] + "…"  # noqa: E731
+    lines = ["", f"{'prompt':<46} {'reference':<10} " + " ".join(f"{m:<14}" for m in models)]
+    for e in examples:
+        if e.get("label", "random") != "random":
+            lines.append(f"-- {e['label']}:")
+        lines.append(f"{cut(repr(e['prompt']), 46):<46} {cut(e['reference'], 10):<10} "
+                     + " ".join(f"{cut(repr(e['answers'][m]), 14):<14}" for m in models))
+    return "\n".join(lines) + "\n"
+
+
 def _summary(results: dict) -> str:
     from alignflow.tracking import tracking_uri
 
     uri = tracking_uri()
-    example = results["examples"][0] if results.get("examples") else None
-    answers = "" if example is None else f"\nprompt: {example['prompt']!r} (reference {example['reference']!r})\n" + \
-        "\n".join(f"  {stage:<11} -> {answer!r}" for stage, answer in example["answers"].items())
+    answers = _examples(results.get("examples") or [])
     page = f"/#/experiments/{results['experiment_id']}/runs/{results['parent_run_id']}"
     ui = f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000{page}" if uri.startswith("sqlite:") \
         else f"{uri.rstrip('/')}{page}"

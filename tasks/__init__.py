@@ -11,7 +11,7 @@ import mlflow
 from transformers import TrainerCallback
 
 from alignflow.modeling import stop_token_ids, template_fingerprint
-from alignflow.refs import ModelRef, digest_path
+from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import record_output
 
 
@@ -25,6 +25,23 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("alignflow")
+
+
+def preference_inputs(policy: ModelRef, pairs: DatasetRef, name: str) -> tuple[list[dict], str, object]:
+    """What every preference stage does before its model loads (dpo, dpo_no_sft, rft): read and log the
+    pairs, load the policy's tokenizer and check that policy and pairs share its chat template.
+    Returns (pair rows, local policy path, tokenizer)."""
+    from alignflow.data import read_jsonl
+    from alignflow.modeling import check_template, load_tokenizer
+    from alignflow.tracking import log_dataset
+
+    rows = read_jsonl(pairs.resolve())
+    log_dataset(rows, source=pairs.uri, name="pairs", context="training")
+    policy_path = policy.resolve()
+    tokenizer = load_tokenizer(policy_path, policy.trust_remote_code)
+    check_template(tokenizer, policy.chat_template, name, f"policy {policy.uri}")
+    check_template(tokenizer, pairs.chat_template, name, f"the sampling of pairs {pairs.uri}")
+    return rows, policy_path, tokenizer
 
 
 def save_trained_model(trainer, tokenizer, model_dir: Path, run_id: str, source: ModelRef, is_adapter: bool,

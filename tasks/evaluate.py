@@ -2,15 +2,19 @@
 
 Per model: greedy accuracy overall and per task type with a 95% bootstrap interval over prompts,
 mean reward (by the rank stage's ranker, named in the `eval.reward_by` param), response length, EOS
-rate, pass@k (k sampled answers, any correct) overall and per task type, and against the SFT model
-the win rate (judged by `eval.win_rate_by`) and a paired bootstrap interval on the accuracy
-difference. Metric names are stable (`<model>.accuracy`, `<model>.accuracy.<task>`,
+rate, the share of answers with each flaw (wrong value, verbose, run-on: alignflow.stats.flaw_of)
+overall and per task type, pass@k (k sampled answers, any correct) overall and per task type, and
+against the SFT model the win rate (judged by `eval.win_rate_by`) and a paired bootstrap interval
+on the accuracy difference. The report's side-by-side prompts are drawn at random (seeded), plus
+one drawn among those where SFT and DPO answer differently. Metric names are stable (`<model>.accuracy`, `<model>.accuracy.<task>`,
 `<model>.pass_at_8`, `<model>.win_rate_vs_sft`, ...) and go on both the evaluate run and the parent
 run, so runs compare column for column in the MLflow UI. Statistics: alignflow.stats; answers: the
 configured generation engine (alignflow.generation).
 """
 
 from __future__ import annotations
+
+import random
 
 import mlflow
 import numpy as np
@@ -23,19 +27,32 @@ from alignflow.generation import answer
 from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import MODELS, Stage, register
-from alignflow.stats import bootstrap_ci, by_task, correctness, pass_at_k, versus
+from alignflow.stats import bootstrap_ci, by_task, correctness, flaw_of, flaw_shares, pass_at_k, versus
 from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
 from tasks.transfer import local_model
 
 
-def report_prompts(rows: list[dict], n: int) -> list[int]:
-    """Indices of n eval prompts for side-by-side answers: one per task type first, then in order."""
-    first: dict[str, int] = {}
-    for i, r in enumerate(rows):
-        first.setdefault(r["task"], i)
-    chosen = list(first.values())[:n]
-    return chosen + [i for i in range(len(rows)) if i not in chosen][: n - len(chosen)]
+def report_prompts(rows: list[dict], n: int, seed: int) -> list[int]:
+    """Indices of n eval prompts for side-by-side answers, drawn at random (seeded): a sample of
+    what the models do, not a chosen showcase."""
+    return sorted(random.Random(f"report-{seed}").sample(range(len(rows)), min(n, len(rows))))
+
+
+def differing_prompt(answers: dict[str, list[dict]], shown: list[int], seed: int,
+                     models: tuple[str, str] = ("sft", "dpo")) -> int | None:
+    """One eval prompt, drawn at random (seeded) among those not shown yet, where the two models'
+    answers differ: where the preference stage changed something, whichever way."""
+    if not all(m in answers for m in models):
+        return None
+    first, second = (answers[m] for m in models)
+    differ = [i for i, (a, b) in enumerate(zip(first, second)) if a["text"] != b["text"] and i not in shown]
+    return random.Random(f"differ-{seed}").choice(differ) if differ else None
+
+
+def _example(row: dict, answers: dict[str, list[dict]], i: int, label: str) -> dict:
+    return {"prompt": row["prompt"][-1]["content"], "task": row["task"], "reference": row["completion"][0]["content"],
+            "answers": {name: given[i]["text"] for name, given in answers.items()}, "label": label}
 
 
 @task(name="evaluate", cache_policy=NONE)
@@ -49,12 +66,10 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
         scorer, verifier = ranker.open(ctx.device, fetch=local_model), Verifier()
-        shown = report_prompts(rows, cfg.report_prompts)
-        results: EvalResults = {"eval_run_id": run_id, "metrics": {}, "examples": [
-            {"prompt": rows[i]["prompt"][-1]["content"], "task": rows[i]["task"],
-             "reference": rows[i]["completion"][0]["content"], "answers": {}} for i in shown]}
-        samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": []}
+        results: EvalResults = {"eval_run_id": run_id, "metrics": {}, "examples": []}
+        samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": [], "flaw": []}
         correct: dict[str, np.ndarray] = {}
+        given: dict[str, list[dict]] = {}
         judged: dict[str, list[float]] = {}
         prompts = [r["prompt"] for r in rows]
         references = [r["completion"][0]["content"] for r in rows]
@@ -62,9 +77,9 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             template, answers, sampled = answer(cfg, ref, prompts, ctx.device, name, ctx.seed, cfg.pass_k)
             mlflow.set_tag(f"alignflow.chat_template.{name}", template)
             texts = [a["text"] for a in answers]
-            correct[name] = correctness(rows, answers)
+            given[name], correct[name] = answers, correctness(rows, answers)
             rewards = scorer.score(prompts, texts, references)
-            metrics = by_task(rows, correct[name], "accuracy") | {
+            metrics = by_task(rows, correct[name], "accuracy") | flaw_shares(rows, answers) | {
                 "mean_reward": sum(rewards) / len(rows), "eos_rate": sum(a["ended"] for a in answers) / len(rows),
                 "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
@@ -75,8 +90,6 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             if sampled is not None:
                 metrics |= pass_at_k(rows, sampled, cfg.pass_k)
             results["metrics"][name] = metrics
-            for example, i in zip(results["examples"], shown):
-                example["answers"][name] = answers[i]["text"]
             logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics["accuracy"], low, high,
                         metrics["mean_reward"])
             for row, a, hit in list(zip(rows, answers, correct[name]))[: cfg.samples_logged]:
@@ -85,11 +98,17 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                 samples["reference"].append(row["completion"][0]["content"])
                 samples["answer"].append(a["text"])
                 samples["correct"].append(bool(hit))
+                samples["flaw"].append(flaw_of(a["text"], row["completion"][0]["content"]) or "")
         if "sft" in models:
             for name in models:
                 if name not in ("sft", "base"):
                     results["metrics"][name] |= versus(correct[name], correct["sft"], judged[name], judged["sft"],
                                                        cfg.bootstrap, ctx.seed)
+        shown = report_prompts(rows, cfg.report_prompts, ctx.seed)
+        results["examples"] = [_example(rows[i], given, i, "random") for i in shown]
+        differ = differing_prompt(given, shown, ctx.seed) if cfg.report_prompts else None
+        if differ is not None:
+            results["examples"].append(_example(rows[differ], given, differ, "SFT and DPO differ"))
         results["correct"] = {name: c.tolist() for name, c in correct.items()}  # per prompt, for promotion
         flat = eval_metrics(results)
         log_metrics(run_id, flat)

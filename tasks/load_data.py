@@ -19,6 +19,7 @@ from alignflow.config import PipelineConfig
 from alignflow.data import load_rows, write_jsonl
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.stages import Stage, register
+from alignflow.stats import FLAWS
 from alignflow.tracking import RunContext, flatten, log_dataset, record_output, stage_run
 
 
@@ -51,6 +52,9 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
             log_dataset(rows, source=path, name=name, context=name)
             mlflow.log_artifact(str(out), "data")
             mlflow.log_metric(f"{name}.rows", len(rows))
+            for kind in FLAWS:  # demonstrations known to be flawed (embedded.flaws), by kind
+                if any(r.get("flaw") for r in rows):
+                    mlflow.log_metric(f"{name}.flaw_share.{kind}", sum(r.get("flaw") == kind for r in rows) / len(rows))
             refs[name] = DatasetRef(uri=f"runs:/{run_id}/data/{out.name}", digest=digest_path(out), run_id=run_id,
                                     local_path=str(out))
         record_output(refs)

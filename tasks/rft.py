@@ -12,14 +12,12 @@ from prefect.cache_policies import NONE
 
 from alignflow.caching import stage_dir
 from alignflow.config import DPOSection
-from alignflow.data import read_jsonl
-from alignflow.modeling import (attn_implementation, build_trl_config, check_template, load_causal_lm, load_tokenizer,
-                                lora_config, trainer_args)
+from alignflow.modeling import (attn_implementation, build_trl_config, load_causal_lm, lora_config, trainer_args)
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import Stage, register
-from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_dataset, log_params, stage_run
+from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_params, stage_run
 from alignflow.training import active_paths, lora_targets, rft_trainer
-from tasks import CheckpointMarker, save_trained_model, stage_logger, train_resumable
+from tasks import CheckpointMarker, preference_inputs, save_trained_model, stage_logger, train_resumable
 
 
 def sft_fields(args: dict) -> dict:
@@ -49,12 +47,7 @@ def rft(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
     params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "policy": policy.uri, "variant": "rft",
                       "attn_implementation": attn}, "dpo")
     with stage_run(ctx, name, params, cache_key) as run_id:
-        rows = read_jsonl(pairs.resolve())
-        log_dataset(rows, source=pairs.uri, name="pairs", context="training")
-        policy_path = policy.resolve()
-        tokenizer = load_tokenizer(policy_path, policy.trust_remote_code)
-        check_template(tokenizer, policy.chat_template, name, f"policy {policy.uri}")
-        check_template(tokenizer, pairs.chat_template, name, f"the sampling of pairs {pairs.uri}")
+        rows, policy_path, tokenizer = preference_inputs(policy, pairs, name)
         model = load_causal_lm(policy_path, ctx.device, attn=attn, trust_remote_code=policy.trust_remote_code)
         trainer = rft_trainer(model, tokenizer, rows, args, lora_config(cfg.lora) if cfg.lora.enabled else None,
                               [MlflowMetricsCallback(run_id), CheckpointMarker()])

@@ -108,3 +108,45 @@ def test_flaws_reach_the_converted_sft_split_only(tmp_path):
             load_rows(embedded.data_path(clean, f"embedded:{split}"))
     with pytest.raises(ConfigError, match="more than 1"):
         load_config(SMOKE, ["embedded.flaws.wrong=0.6", "embedded.flaws.verbose=0.6"])
+
+
+def test_the_classifier_names_each_injected_flaw_and_the_checker_answers_from_the_prompt():
+    """The flaw classifier (evaluate, report) recognises what add_flaws injects, and the checker scores
+    answers as the verifier does, from the prompt alone: for every task type, with no reference."""
+    from alignflow.embedded.suite import add_flaws, solve
+    from alignflow.rankers import Checker
+    from alignflow.stats import flaw_of
+
+    rows = make_splits({"sft": 14 * 40}, seed=5)["sft"]
+    flawed = add_flaws(rows, {"wrong": 0.2, "verbose": 0.2, "runon": 0.2}, seed=5)
+    for clean, row in zip(rows, flawed):
+        cut = row["output"][:len(clean["output"]) + 6]  # as a generation stopped at max_new_tokens would be
+        assert flaw_of(cut if row.get("flaw") == "runon" else row["output"], clean["output"]) == row.get("flaw"), row
+    prompts = [[{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}]
+               for r in rows]
+    assert [solve(p[0]["content"]) for p in prompts] == [r["output"] for r in rows]
+    assert {r["task"] for r in rows} == set(TASKS)
+    checker, verifier = Checker(), Verifier()
+    answers = [r["output"] for r in flawed]
+    assert checker.score(prompts, answers, [None] * len(rows)) == \
+        verifier.score(prompts, answers, [r["output"] for r in rows])
+    assert solve("Tell me a joke.") is None and solve("Even or odd?\n\nseven") is None
+    with pytest.raises(ValueError, match="prompt 2 .*Tell me a joke"):
+        checker.score([prompts[0], [{"role": "user", "content": "Tell me a joke."}]], ["x", "y"], [None, None])
+    assert checker.score([[{"role": "user", "content": "Tell me a joke."}]], ["ha"], ["ha"]) == [1.0]  # falls back
+
+
+def test_prompts_without_answers_are_enough_for_the_checker(tmp_path):
+    from alignflow.config import load_config
+    from tasks.load_data import preflight
+    from tests.conftest import SMOKE
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r["input"]}) + "\n"
+                               for r in make_splits({"p": 12}, seed=1)["p"]))
+    config = load_config(SMOKE, [f"sample.prompts.path={prompts}", "rank.ranker=checker"])
+    assert all(r["completion"] == [] for r in preflight(config, "cpu")["prompts"][1])
+    from alignflow.data import DataError
+
+    with pytest.raises(DataError, match="row 1.*output"):  # the verifier needs them
+        preflight(load_config(SMOKE, [f"sample.prompts.path={prompts}"]), "cpu")

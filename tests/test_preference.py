@@ -5,10 +5,10 @@ import pytest
 
 from alignflow.config import ConfigError, load_config
 from alignflow.pairs import build_pairs
-from alignflow.stats import bootstrap_ci, pass_at_k, versus
+from alignflow.stats import bootstrap_ci, flaw_of, flaw_shares, pass_at_k, versus
 from flows.pipeline import stage_name
 from tasks.dpo import without_sft_term
-from tasks.evaluate import report_prompts
+from tasks.evaluate import differing_prompt, report_prompts
 from tasks.rft import sft_fields
 from tests.conftest import SMOKE
 
@@ -75,6 +75,25 @@ def test_pass_at_k_counts_a_prompt_once_if_any_sample_is_right():
     assert pass_at_k(rows, samples, 2) == {"pass_at_2": 0.5, "pass_at_2.a": 1.0, "pass_at_2.b": 0.0}
 
 
-def test_report_prompts_cover_task_types_first():
-    rows = [{"task": t} for t in ["a", "a", "b", "a", "c"]]
-    assert report_prompts(rows, 3) == [0, 2, 4] and report_prompts(rows, 4) == [0, 2, 4, 1]
+def test_report_prompts_are_a_seeded_draw_plus_one_where_sft_and_dpo_differ():
+    rows = [{"task": "t"}] * 50
+    shown = report_prompts(rows, 5, seed=0)
+    assert len(set(shown)) == 5 and shown == report_prompts(rows, 5, seed=0) != report_prompts(rows, 5, seed=1)
+    assert shown != [0, 1, 2, 3, 4] and report_prompts(rows[:3], 5, seed=0) == [0, 1, 2]
+    same = [{"text": "a"}] * 50
+    other = [{"text": "a"}] * 50
+    other[7] = other[shown[0]] = {"text": "b"}
+    assert differing_prompt({"sft": same, "dpo": other}, shown, seed=0) == 7  # not one already shown
+    assert differing_prompt({"sft": same, "dpo": same}, shown, seed=0) is None
+    assert differing_prompt({"sft": same}, shown, seed=0) is None
+
+
+def test_answers_are_classified_by_flaw():
+    cases = {("odd", "odd"): None, ("odd, because that", "odd"): "verbose", ("odd odd odd od", "odd"): "runon",
+             ("even", "odd"): "wrong", ("12", "1"): "wrong", ("", "1"): "wrong", ("1.", "1"): "verbose",
+             ("first first", "first"): "runon", ("yes no", "yes"): "verbose", (" odd ", "odd"): None}
+    assert {case: flaw_of(*case) for case in cases} == cases
+    rows = [{"task": t, "completion": [{"content": "odd"}]} for t in "aab"]
+    shares = flaw_shares(rows, [{"text": "odd odd"}, {"text": "even"}, {"text": "odd"}])
+    assert shares["flaw_runon"] == pytest.approx(1 / 3) and shares["flaw_runon.a"] == 0.5
+    assert shares["flaw_wrong.a"] == 0.5 and shares["flaw_verbose"] == 0.0 and shares["flaw_wrong.b"] == 0.0

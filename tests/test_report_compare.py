@@ -16,21 +16,23 @@ from tasks.report import prefect_markdown
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow
-SECTIONS = ["## Models", "## Stage runs", "## Accuracy per task type", "## Base-model selection", "## Preference pairs",
-            "## Training curves", "## Same prompts, every model"]
-PLOTS = ["accuracy_by_task.png", "pair_margins.png", "sft_loss.png", "dpo_curves.png"]
+SECTIONS = ["## Models", "## Stage runs", "## Accuracy per task type", "## What the preference stage changed",
+            "## Base-model selection", "## Preference pairs", "## Training curves", "## Same prompts, every model"]
+PLOTS = ["accuracy_by_task.png", "flaws.png", "pair_margins.png", "sft_loss.png", "dpo_curves.png"]
 
 
 @pytest.fixture(scope="module")
 def two_runs(mlflow_server, prefect_server, tmp_path_factory):
-    """The smoke flow twice against the server: as shipped, and with rounds, baselines and another SFT lr."""
+    """The smoke flow twice against the server: as shipped, and with rounds, baselines, another SFT lr and
+    a quarter of the SFT answers verbose."""
     out = tmp_path_factory.mktemp("runs")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     try:
         first = align(load_config(SMOKE, [f"output_dir={out}", "experiment=compare-me"]))
         second = align(load_config(SMOKE, [f"output_dir={out}", "experiment=compare-me", "dpo.rounds=2",
-                                           "dpo.baselines=[rft, dpo_no_sft]", "sft.trainer.learning_rate=5e-3"]))
+                                           "dpo.baselines=[rft, dpo_no_sft]", "sft.trainer.learning_rate=5e-3",
+                                           "embedded.flaws.verbose=0.25"]))
     finally:
         os.environ["MLFLOW_TRACKING_URI"] = previous or ""
     return first, second
@@ -74,8 +76,19 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
                     "rank", "rank.round2", "rank.rft.round2", "rank.dpo_no_sft.round2",
                     "dpo.round1", "dpo.round2", "dpo_no_sft.round1", "dpo_no_sft.round2", "rft.round1", "rft.round2",
                     "evaluate", "promote"]
-    examples = text.split("## Same prompts, every model")[1].strip().splitlines()
-    assert len(examples) == 2 + 5  # header, rule, five prompts
+    examples = [line for line in text.split("## Same prompts, every model")[1].splitlines() if line.startswith("| ")]
+    recorded = results["examples"]
+    assert [e["label"] for e in recorded[:5]] == ["random"] * 5 and len(examples) == 2 + len(recorded)
+    assert all(line.startswith(f"| {e['label']} | {e['task']} |") for line, e in zip(examples[2:], recorded))
+    for e in recorded[5:]:  # at most one more: a prompt where SFT and DPO answer differently
+        assert e["label"] == "SFT and DPO differ" and e["answers"]["sft"] != e["answers"]["dpo"]
+    # every answer is exact or has exactly one flaw, and the table shows the metrics
+    flaws = text.split("## What the preference stage changed")[1].split("##")[0]
+    assert "The SFT demonstrations had 25% verbose answers" in flaws
+    for model in ["sft", "dpo", "rft"]:
+        shares = [metrics[f"{model}.{k}"] for k in ("accuracy", "flaw_wrong", "flaw_verbose", "flaw_runon")]
+        assert sum(shares) == pytest.approx(1.0)
+        assert f"| **{model}** | " + " | ".join(f"{v:.3f}" for v in shares) + " |" in flaws
     pairs = text.split("## Preference pairs")[1]
     assert "| rank | " in pairs and "| rank.round2 | " in pairs and "| rank.rft.round2 | " in pairs
 

@@ -10,6 +10,7 @@ point about diversity).
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 WORDS = (
@@ -186,6 +187,66 @@ def make_splits(sizes: dict[str, int], seed: int, tasks: list[str] | None = None
         rng.shuffle(rows)
         splits[name] = rows
     return splits
+
+
+def _vowels(text: str) -> int:
+    return sum(c in "aeiou" for c in text)
+
+
+# The prompt is the whole question: each task type's phrasings (as written above) and how to answer
+# them from the input alone. A checker that needs no reference answer (alignflow.rankers.Checker),
+# as math and code verifiers check an answer from the problem itself.
+_L = r"(?P<letter>[a-z])"
+_ORD = "(?P<ordinal>" + "|".join(ORDINALS) + ")"
+_SOLVERS: list[tuple[str, list[str], Callable[[re.Match, str], str]]] = [
+    ("reverse", [r"Reverse each word\.", r"Write these words backwards\.", r"Spell each word in reverse\."],
+     lambda m, x: " ".join(w[::-1] for w in x.split())),
+    ("uppercase", [r"Write the words in capital letters\.", r"Convert the words to uppercase\.",
+                   r"Shout these words\."], lambda m, x: x.upper()),
+    ("sort_words", [r"Sort these words alphabetically\.", r"Put the words in alphabetical order\.",
+                    r"Arrange the words from A to Z\."], lambda m, x: " ".join(sorted(x.split()))),
+    ("add", [r"Add the two numbers\.", r"What is the sum\?", r"Compute the total\."],
+     lambda m, x: str(sum(int(n) for n in x.split("+")))),
+    ("count_letter", [rf"How many times does the letter {_L} appear\?", rf"Count the letter {_L}\.",
+                      rf"Count how often {_L} occurs in the words\."],
+     lambda m, x: str("".join(x.split()).count(m["letter"]))),
+    ("nth_word", [rf"What is the {_ORD} word\?", rf"Give the {_ORD} word of the list\.",
+                  r"Extract word number (?P<number>\d+)\."],
+     lambda m, x: x.split()[int(m["number"]) - 1 if m.groupdict().get("number") else ORDINALS.index(m["ordinal"])]),
+    ("first_letters", [r"Write the first letter of each word\.", r"Give the initials of the words\.",
+                       r"Make an acronym from the first letters\."], lambda m, x: "".join(w[0] for w in x.split())),
+    ("last_word", [r"What is the last word\?", r"Give the final word of the list\.", r"Which word comes last\?"],
+     lambda m, x: x.split()[-1]),
+    ("word_order", [r"Reverse the order of the words\.", r"List the words from last to first\.",
+                    r"Write the words in the opposite order\."], lambda m, x: " ".join(reversed(x.split()))),
+    ("count_words", [r"How many words are there\?", r"Count the words\.", r"How many words does the list have\?"],
+     lambda m, x: str(len(x.split()))),
+    ("count_vowels", [r"How many vowels are there\?", r"Count the vowels\.", r"How many of the letters are vowels\?"],
+     lambda m, x: str(_vowels("".join(x.split())))),
+    ("parity", [r"Is the number even or odd\?", r"Even or odd\?", r"Say whether the number is even or odd\."],
+     lambda m, x: "even" if int(x) % 2 == 0 else "odd"),
+    ("larger", [r"Which number is larger, the first or the second\?", r"Is the first or the second bigger\?",
+                r"Which is greater: first or second\?"],
+     lambda m, x: "first" if int(x.split()[0]) > int(x.split()[1]) else "second"),
+    ("has_letter", [rf"Do the words contain the letter {_L}\?", rf"Is there an {_L} in the words\?",
+                    rf"Does the letter {_L} occur\?"],
+     lambda m, x: "yes" if m["letter"] in "".join(x.split()) else "no"),
+]
+_PATTERNS = [(task, re.compile(pattern), solve) for task, patterns, solve in _SOLVERS for pattern in patterns]
+
+
+def solve(prompt: str) -> str | None:
+    """The answer to a suite question (instruction, blank line, input) from the question alone, or
+    None when it is not one of the suite's phrasings or its input does not fit the task."""
+    instruction, _, input_text = prompt.partition("\n\n")
+    for _task, pattern, answer in _PATTERNS:
+        match = pattern.fullmatch(instruction.strip())
+        if match:
+            try:
+                return answer(match, input_text.strip())
+            except (ValueError, IndexError):
+                return None
+    return None
 
 
 RAMBLES = ("because that is what the words say", "as far as I can tell from looking at it",

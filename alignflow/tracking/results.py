@@ -11,6 +11,7 @@ class Example(TypedDict):
     task: str
     reference: str
     answers: dict[str, str]  # model label -> greedy answer
+    label: str  # why it is shown: "random" (seeded draw) or "SFT and DPO differ"
 
 
 class EvalResults(TypedDict, total=False):
