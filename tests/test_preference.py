@@ -97,3 +97,16 @@ def test_answers_are_classified_by_flaw():
     shares = flaw_shares(rows, [{"text": "odd odd"}, {"text": "even"}, {"text": "odd"}])
     assert shares["flaw_runon"] == pytest.approx(1 / 3) and shares["flaw_runon.a"] == 0.5
     assert shares["flaw_wrong.a"] == 0.5 and shares["flaw_verbose"] == 0.0 and shares["flaw_wrong.b"] == 0.0
+
+
+def test_the_run_summary_shows_every_side_by_side_prompt_and_marks_the_differing_one():
+    from flows.cli import _examples
+
+    examples = [{"prompt": f"Even or odd?\n\n{n}", "task": "parity", "reference": "odd", "label": "random",
+                 "answers": {"sft": "odd, because that is what", "dpo": "odd"}} for n in (3, 5)]
+    examples.append({**examples[0], "prompt": "Even or odd?\n\n7", "label": "SFT and DPO differ"})
+    lines = _examples(examples).strip().splitlines()
+    assert lines[0].split() == ["prompt", "reference", "sft", "dpo"]
+    assert [line.startswith("'Even or odd?") for line in lines[1:]] == [True, True, False, True]
+    assert lines[3] == "-- SFT and DPO differ:" and "\\n\\n7" in lines[4] and "'odd, because" in lines[4]
+    assert _examples([]) == ""
