@@ -78,8 +78,8 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
                     "evaluate", "promote"]
     examples = [line for line in text.split("## Same prompts, every model")[1].splitlines() if line.startswith("| ")]
     recorded = results["examples"]
-    assert [e["label"] for e in recorded[:5]] == ["random"] * 5 and len(examples) == 2 + len(recorded)
-    assert all(line.startswith(f"| {e['label']} | {e['task']} |") for line, e in zip(examples[2:], recorded))
+    assert [e["label"] for e in recorded[:5]] == ["random"] * 5 and len(examples) == 1 + len(recorded)
+    assert all(line.startswith(f"| {e['label']} | {e['task']} |") for line, e in zip(examples[1:], recorded))
     for e in recorded[5:]:  # at most one more: a prompt where SFT and DPO answer differently
         assert e["label"] == "SFT and DPO differ" and e["answers"]["sft"] != e["answers"]["dpo"]
     # every answer is exact or has exactly one flaw, and the table shows the metrics
