@@ -66,16 +66,16 @@ class TransformersGenerator:
         self.model = None
 
 
-def answer(cfg, ref, prompts: list, device: str, label: str, seed: int = 0,
-           pass_k: int = 0, path: str | None = None) -> tuple[str, list[dict], list[list[dict]] | None]:
+def answer(cfg, ref, prompts: list, device: str, label: str, seed: int = 0, pass_k: int = 0,
+           path: str | None = None, stage: str = "evaluate") -> tuple[str, list[dict], list[list[dict]] | None]:
     """(template fingerprint, greedy answers, pass@k samples or None) of one model (a ModelRef; `path`: a
     local copy of it found elsewhere) with an eval section's engine and settings (evaluate, promote);
-    its chat template is checked before the weights load."""
+    its chat template is checked before the weights load (an error names `stage` and `label`)."""
     from alignflow.modeling import check_template, load_tokenizer
 
     path = path or ref.resolve()
     tokenizer = load_tokenizer(path, ref.trust_remote_code)
-    template = check_template(tokenizer, ref.chat_template, f"evaluate {label}", f"model {label}")
+    template = check_template(tokenizer, ref.chat_template, f"{stage} {label}", f"model {label}")
     generator = cfg.engine.open(path, device, tokenizer, ref.trust_remote_code)
     greedy = [a[0] for a in generator.generate(prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                                progress=f"eval {label}")]

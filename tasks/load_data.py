@@ -52,9 +52,9 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
             log_dataset(rows, source=path, name=name, context=name)
             mlflow.log_artifact(str(out), "data")
             mlflow.log_metric(f"{name}.rows", len(rows))
-            for kind in FLAWS:  # demonstrations known to be flawed (embedded.flaws), by kind
-                if any(r.get("flaw") for r in rows):
-                    mlflow.log_metric(f"{name}.flaw_share.{kind}", sum(r.get("flaw") == kind for r in rows) / len(rows))
+            if any(r.get("flaw") for r in rows):  # demonstrations known to be flawed (embedded.flaws), by kind
+                mlflow.log_metrics({f"{name}.flaw_share.{kind}": sum(r.get("flaw") == kind for r in rows) / len(rows)
+                                    for kind in FLAWS})
             refs[name] = DatasetRef(uri=f"runs:/{run_id}/data/{out.name}", digest=digest_path(out), run_id=run_id,
                                     local_path=str(out))
         record_output(refs)

@@ -58,7 +58,7 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
             # the champion was trained from the same base family: its code trust is the challenger's
             _, answers, _ = answer(eval_cfg, dpo_model.model_copy(update={"chat_template": None}),
                                    [r["prompt"] for r in rows], ctx.device, f"champion v{champion.version}",
-                                   path=version_model_dir(champion))
+                                   path=version_model_dir(champion), stage="promote")
             champion_correct = correctness(rows, answers)
             diff = np.asarray(challenger_correct) - champion_correct
             low, high = bootstrap_ci(diff, eval_cfg.bootstrap or 1000, ctx.seed)
