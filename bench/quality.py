@@ -83,7 +83,8 @@ def config_section(name: str, rows: list[dict]) -> list[str]:
                  for m in models]
         out.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {f3(r['sft.pass_at_8'])} | "
                    f"{f3(r['dpo.win_rate_vs_sft'])} | {r['dpo.delta_vs_sft']:+.3f} "
-                   f"[{f3(r['dpo.delta_vs_sft_ci95_low'])}, {f3(r['dpo.delta_vs_sft_ci95_high'])}] | `{r['run_id'][:12]}` |")
+                   f"[{f3(r['dpo.delta_vs_sft_ci95_low'])}, {f3(r['dpo.delta_vs_sft_ci95_high'])}] "
+                   f"| `{r['run_id'][:12]}` |")
     out.append("| mean | " + " | ".join(f3(mean(rows, f"{m}.accuracy")) for m in models) + " | "
                f"{f3(mean(rows, 'sft.pass_at_8'))} | {f3(mean(rows, 'dpo.win_rate_vs_sft'))} | "
                f"{mean(rows, 'dpo.delta_vs_sft'):+.3f} | |")

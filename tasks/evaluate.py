@@ -6,8 +6,9 @@ rate, the share of answers with each flaw (wrong value, verbose, run-on: alignfl
 overall and per task type, pass@k (k sampled answers, any correct) overall and per task type, and
 against the SFT model the win rate (judged by `eval.win_rate_by`) and a paired bootstrap interval
 on the accuracy difference. The report's side-by-side prompts are drawn at random (seeded), plus
-one drawn among those where SFT and DPO answer differently. Metric names are stable (`<model>.accuracy`, `<model>.accuracy.<task>`,
-`<model>.pass_at_8`, `<model>.win_rate_vs_sft`, ...) and go on both the evaluate run and the parent
+one drawn among those where SFT and DPO answer differently. Metric names are stable
+(`<model>.accuracy`, `<model>.accuracy.<task>`, `<model>.flaw_verbose`, `<model>.pass_at_8`,
+`<model>.win_rate_vs_sft`, ...) and go on both the evaluate run and the parent
 run, so runs compare column for column in the MLflow UI. Statistics: alignflow.stats; answers: the
 configured generation engine (alignflow.generation).
 """
