@@ -49,9 +49,6 @@ class Checker(Verifier):
     type: str = "checker"
     needs_reference: ClassVar[bool] = False
 
-    def open(self, device: str, fetch=None) -> Checker:
-        return self
-
     def score(self, prompts, responses, references):
         from alignflow.embedded.suite import solve
 

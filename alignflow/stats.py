@@ -38,11 +38,15 @@ def flaw_of(response: str, reference: str | None) -> str | None:
     return "verbose"
 
 
-def flaw_shares(rows: list[dict], answers: list[dict]) -> dict[str, float]:
-    """Share of answers with each flaw (alignflow.stats.FLAWS), overall (`flaw_<kind>`) and per task
-    type (`flaw_<kind>.<task>`)."""
-    kinds = [flaw_of(a["text"], r["completion"][0]["content"] if r.get("completion") else None)
-             for a, r in zip(answers, rows)]
+def answer_flaws(rows: list[dict], answers: list[dict]) -> list[str | None]:
+    """flaw_of each answer against its row's reference answer."""
+    return [flaw_of(a["text"], r["completion"][0]["content"] if r.get("completion") else None)
+            for a, r in zip(answers, rows)]
+
+
+def flaw_shares(rows: list[dict], kinds: list[str | None]) -> dict[str, float]:
+    """Share of answers with each flaw (alignflow.stats.FLAWS; `kinds` from answer_flaws), overall
+    (`flaw_<kind>`) and per task type (`flaw_<kind>.<task>`)."""
     shares: dict[str, float] = {}
     for kind in FLAWS:
         shares |= by_task(rows, np.array([k == kind for k in kinds], dtype=float), f"flaw_{kind}")

@@ -28,7 +28,7 @@ from alignflow.generation import answer
 from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import MODELS, Stage, register
-from alignflow.stats import bootstrap_ci, by_task, correctness, flaw_of, flaw_shares, pass_at_k, versus
+from alignflow.stats import answer_flaws, bootstrap_ci, by_task, correctness, flaw_shares, pass_at_k, versus
 from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
 from tasks.transfer import local_model
@@ -78,9 +78,9 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             template, answers, sampled = answer(cfg, ref, prompts, ctx.device, name, ctx.seed, cfg.pass_k)
             mlflow.set_tag(f"alignflow.chat_template.{name}", template)
             texts = [a["text"] for a in answers]
-            given[name], correct[name] = answers, correctness(rows, answers)
+            given[name], correct[name], flaws = answers, correctness(rows, answers), answer_flaws(rows, answers)
             rewards = scorer.score(prompts, texts, references)
-            metrics = by_task(rows, correct[name], "accuracy") | flaw_shares(rows, answers) | {
+            metrics = by_task(rows, correct[name], "accuracy") | flaw_shares(rows, flaws) | {
                 "mean_reward": sum(rewards) / len(rows), "eos_rate": sum(a["ended"] for a in answers) / len(rows),
                 "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
@@ -93,13 +93,13 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             results["metrics"][name] = metrics
             logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics["accuracy"], low, high,
                         metrics["mean_reward"])
-            for row, a, hit in list(zip(rows, answers, correct[name]))[: cfg.samples_logged]:
+            for row, a, hit, flaw in list(zip(rows, answers, correct[name], flaws))[: cfg.samples_logged]:
                 samples["model"].append(name)
                 samples["prompt"].append(row["prompt"][-1]["content"])
                 samples["reference"].append(row["completion"][0]["content"])
                 samples["answer"].append(a["text"])
                 samples["correct"].append(bool(hit))
-                samples["flaw"].append(flaw_of(a["text"], row["completion"][0]["content"]) or "")
+                samples["flaw"].append(flaw or "")
         if "sft" in models:
             for name in models:
                 if name not in ("sft", "base"):

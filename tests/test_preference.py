@@ -5,7 +5,7 @@ import pytest
 
 from alignflow.config import ConfigError, load_config
 from alignflow.pairs import build_pairs
-from alignflow.stats import bootstrap_ci, flaw_of, flaw_shares, pass_at_k, versus
+from alignflow.stats import answer_flaws, bootstrap_ci, flaw_of, flaw_shares, pass_at_k, versus
 from flows.pipeline import stage_name
 from tasks.dpo import without_sft_term
 from tasks.evaluate import differing_prompt, report_prompts
@@ -94,7 +94,7 @@ def test_answers_are_classified_by_flaw():
              ("first first", "first"): "runon", ("yes no", "yes"): "verbose", (" odd ", "odd"): None}
     assert {case: flaw_of(*case) for case in cases} == cases
     rows = [{"task": t, "completion": [{"content": "odd"}]} for t in "aab"]
-    shares = flaw_shares(rows, [{"text": "odd odd"}, {"text": "even"}, {"text": "odd"}])
+    shares = flaw_shares(rows, answer_flaws(rows, [{"text": "odd odd"}, {"text": "even"}, {"text": "odd"}]))
     assert shares["flaw_runon"] == pytest.approx(1 / 3) and shares["flaw_runon.a"] == 0.5
     assert shares["flaw_wrong.a"] == 0.5 and shares["flaw_verbose"] == 0.0 and shares["flaw_wrong.b"] == 0.0
 

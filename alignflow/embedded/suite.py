@@ -13,6 +13,8 @@ import random
 import re
 from collections.abc import Callable
 
+from alignflow.stats import FLAWS
+
 WORDS = (
     "apple bread chair dance eagle fable grape house igloo jelly kite lemon mango night ocean "
     "pearl queen river stone tiger umbra voice water xenon yacht zebra amber blaze cloud delta "
@@ -109,13 +111,17 @@ def _count_words(rng: random.Random) -> tuple[str, str, str]:
     return phrasing, " ".join(words), str(len(words))
 
 
+def _vowels(text: str) -> int:
+    return sum(c in "aeiou" for c in text)
+
+
 def _count_vowels(rng: random.Random) -> tuple[str, str, str]:
     want = rng.choice([3, 4, 5])  # balanced: the natural distribution is over half "4"
     words = _two_words(rng)
-    while sum(c in "aeiou" for c in "".join(words)) != want:
+    while _vowels("".join(words)) != want:
         words = _two_words(rng)
     phrasing = rng.choice(["How many vowels are there?", "Count the vowels.", "How many of the letters are vowels?"])
-    return phrasing, " ".join(words), str(sum(c in "aeiou" for c in "".join(words)))
+    return phrasing, " ".join(words), str(_vowels("".join(words)))
 
 
 def _parity(rng: random.Random) -> tuple[str, str, str]:
@@ -189,10 +195,6 @@ def make_splits(sizes: dict[str, int], seed: int, tasks: list[str] | None = None
     return splits
 
 
-def _vowels(text: str) -> int:
-    return sum(c in "aeiou" for c in text)
-
-
 # The prompt is the whole question: each task type's phrasings (as written above) and how to answer
 # them from the input alone. A checker that needs no reference answer (alignflow.rankers.Checker),
 # as math and code verifiers check an answer from the problem itself.
@@ -232,14 +234,14 @@ _SOLVERS: list[tuple[str, list[str], Callable[[re.Match, str], str]]] = [
                     rf"Does the letter {_L} occur\?"],
      lambda m, x: "yes" if m["letter"] in "".join(x.split()) else "no"),
 ]
-_PATTERNS = [(task, re.compile(pattern), solve) for task, patterns, solve in _SOLVERS for pattern in patterns]
+_PATTERNS = [(re.compile(pattern), solve) for _task, patterns, solve in _SOLVERS for pattern in patterns]
 
 
 def solve(prompt: str) -> str | None:
     """The answer to a suite question (instruction, blank line, input) from the question alone, or
     None when it is not one of the suite's phrasings or its input does not fit the task."""
     instruction, _, input_text = prompt.partition("\n\n")
-    for _task, pattern, answer in _PATTERNS:
+    for pattern, answer in _PATTERNS:
         match = pattern.fullmatch(instruction.strip())
         if match:
             try:
@@ -265,7 +267,7 @@ def add_flaws(rows: list[dict], shares: dict[str, float], seed: int) -> list[dic
         by_task.setdefault(row["task"], []).append(row["output"])
     out = [dict(row) for row in rows]
     start = 0
-    for kind in ("wrong", "verbose", "runon"):
+    for kind in FLAWS:
         count = round(shares.get(kind, 0.0) * len(rows))
         for i in order[start:start + count]:
             row, answer = out[i], out[i]["output"]
