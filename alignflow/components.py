@@ -107,8 +107,38 @@ class Ranker(Component):
 
 
 class Scorer:
+    """Scores responses. A pointwise scorer (verifier, reward model) scores each response alone; a
+    pairwise one (an LLM judge) only by comparing two answers to one prompt, so it implements
+    `score_groups` and `compare` and leaves `score` unimplemented."""
+
+    pointwise: ClassVar[bool] = True
+
     def score(self, prompts: list[list[dict]], responses: list[str], references: list[str | None]) -> list[float]:
         raise NotImplementedError
+
+    def score_groups(self, prompts: list[list[dict]], candidates: list[list[str]],
+                     references: list[str | None]) -> list[list[float]]:
+        """Per prompt, one score per candidate (higher is better); comparable within a prompt only."""
+        flat = [(p, c, r) for p, cands, r in zip(prompts, candidates, references) for c in cands]
+        scores = self.score(*map(list, zip(*flat)))
+        grouped, start = [], 0
+        for cands in candidates:
+            grouped.append(scores[start:start + len(cands)])
+            start += len(cands)
+        return grouped
+
+    def compare(self, prompts: list[list[dict]], first: list[str], second: list[str],
+                references: list[str | None]) -> list[float]:
+        """Per prompt, 1.0 when `first` is the better answer, 0.0 when `second` is, 0.5 for a tie."""
+        a, b = self.score(prompts, first, references), self.score(prompts, second, references)
+        return [0.5 if x == y else float(x > y) for x, y in zip(a, b)]
+
+    def stats(self) -> dict[str, float]:
+        """What the scorer measured about itself so far (a judge's consistency rate), for the stage's run."""
+        return {}
+
+    def close(self) -> None:
+        """Free what `open` loaded."""
 
 
 class PairStrategy(Component):
@@ -126,6 +156,6 @@ class Engine(Component):
         raise NotImplementedError
 
 
-RANKERS = Registry("ranker", ("alignflow.rankers",))
+RANKERS = Registry("ranker", ("alignflow.rankers", "alignflow.judges"))
 PAIRS = Registry("pair strategy", ("alignflow.pairs",))
 ENGINES = Registry("generation engine", ("alignflow.generation",))

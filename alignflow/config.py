@@ -193,10 +193,14 @@ class SampleSection(Section):
 
 
 class RankSection(Section):
-    # who scores the candidates (alignflow.rankers): `verifier`, `{type: reward_model, model: DIR_OR_HUB_ID}`, ...
+    # who scores the candidates: `verifier`, `checker`, `{type: reward_model, model: DIR_OR_HUB_ID}`,
+    # `{type: ensemble, rankers: [...]}` (alignflow.rankers), `{type: judge, model: ..., url: ...}` (alignflow.judges)
     ranker: RankerField = _ranker
     min_margin: float = Field(default=0.0, ge=0)  # pairs whose reward gap is at most this are ties
     pairs: PairsField = _pairs  # which candidates make a pair (alignflow.pairs): best_worst, best_random
+    # rankers the ranking is compared with, candidate pair by candidate pair (agreement, Cohen's kappa);
+    # one that needs reference answers is skipped when the prompts lack them
+    agree_with: list[RankerField] = Field(default=["verifier"], validate_default=True)
 
 
 class EvalSection(Section):

@@ -41,6 +41,19 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _with_ci(get, metric: str) -> str:
+    if get(metric) is None:
+        return "–"
+    return f"{_fmt(get(metric))} [{_fmt(get(metric + '_ci95_low'))}, {_fmt(get(metric + '_ci95_high'))}]"
+
+
+def _agreements(metrics: dict) -> str:
+    """`verifier 0.812 (κ 0.640)` for each ranker the rank stage compared its ranking with."""
+    others = sorted(k.removeprefix("agreement.") for k in metrics if k.startswith("agreement."))
+    return " / ".join(f"{o} {_fmt(metrics[f'agreement.{o}'])} (κ {_fmt(metrics.get(f'kappa.{o}'))})"
+                      for o in others) or "–"
+
+
 def _md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ⏎ ") for c in row) + " |" for row in rows]
@@ -99,7 +112,7 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                 "intervals are 95% bootstrap over eval prompts."]
 
     header = ["model", "accuracy", "95% CI"] + ([pk.replace("_at_", "@")] if pk else []) + [
-        "mean reward", "EOS rate", "mean words", "win rate vs SFT", "Δ acc vs SFT [95% CI]"]
+        "mean reward", "EOS rate", "mean words", "win rate vs SFT [95% CI]", "LC win rate", "Δ acc vs SFT [95% CI]"]
     rows = []
     for name in models:
         delta = get(f"{name}.delta_vs_sft")
@@ -107,7 +120,7 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                      f"[{_fmt(get(f'{name}.accuracy_ci95_low'))}, {_fmt(get(f'{name}.accuracy_ci95_high'))}]"]
                     + ([_fmt(get(f"{name}.{pk}"))] if pk else [])
                     + [_fmt(get(f"{name}.mean_reward")), _fmt(get(f"{name}.eos_rate")), _fmt(get(f"{name}.mean_words"), 2),
-                       _fmt(get(f"{name}.win_rate_vs_sft")),
+                       _with_ci(get, f"{name}.win_rate_vs_sft"), _fmt(get(f"{name}.lc_win_rate_vs_sft")),
                        "–" if delta is None else f"{delta:+.3f} [{_fmt(get(f'{name}.delta_vs_sft_ci95_low'))}, "
                                                  f"{_fmt(get(f'{name}.delta_vs_sft_ci95_high'))}]"])
     sections += ["## Models", _md_table(header, rows)]
@@ -141,12 +154,16 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
             pair_rows.append([stage, int(sm.get("pairs", 0)), int(sm.get("ties", 0)), _fmt(sm.get("tie_rate")),
                               _fmt(sm.get("mean_margin")), _fmt(sm.get("chosen_mean_reward")),
                               _fmt(sm.get("rejected_mean_reward")), _fmt(sm.get("chosen_mean_words"), 2),
-                              _fmt(sm.get("rejected_mean_words"), 2)])
+                              _fmt(sm.get("rejected_mean_words"), 2), _fmt(sm.get("judge.consistency_rate")),
+                              _agreements(sm)])
             margins[stage] = [p["margin"] for p in _load_table(rec.stages[stage].info.run_id, "pairs_table.json")]
         _plot_margins(margins, out / "pair_margins.png")
         sections += ["## Preference pairs", _md_table(
             ["ranking", "pairs", "ties", "tie rate", "mean margin", "chosen reward", "rejected reward",
-             "chosen words", "rejected words"], pair_rows), "![pair margins](pair_margins.png)"]
+             "chosen words", "rejected words", "judge consistency", "agreement with"], pair_rows),
+            "Judge consistency: the share of candidate pairs an LLM judge ordered the same way in both orders "
+            "(others are ties). Agreement: the share of candidate pairs the ranker orders as another ranker "
+            "does, with Cohen's kappa (0 = chance).", "![pair margins](pair_margins.png)"]
 
     curves = []
     if "sft" in rec.stages and _plot_curves(rec, ["sft"], [("loss", "train loss")], out / "sft_loss.png"):

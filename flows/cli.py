@@ -27,7 +27,7 @@ def _table(results: dict) -> str:
         passes = [v for k, v in m.items() if k.startswith("pass_at_") and "." not in k]
         ci = f"[{m['accuracy_ci95_low']:.3f}, {m['accuracy_ci95_high']:.3f}]"
         lines.append(f"{stage:<11} {m['accuracy']:>9.3f} {ci:>15} {passes[0] if passes else float('nan'):>7.3f} "
-                     f"{m['mean_reward']:>12.3f} {m['eos_rate']:>9.3f}")
+                     f"{m.get('mean_reward', float('nan')):>12.3f} {m['eos_rate']:>9.3f}")
     return "\n".join(lines)
 
 

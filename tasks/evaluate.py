@@ -67,11 +67,12 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
         scorer, verifier = ranker.open(ctx.device, fetch=local_model), Verifier()
+        # who judges the head-to-head against SFT: the verifier, unless the config says the ranker
+        judge = scorer if isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker" else verifier
         results: EvalResults = {"eval_run_id": run_id, "metrics": {}, "examples": []}
         samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": [], "flaw": []}
         correct: dict[str, np.ndarray] = {}
         given: dict[str, list[dict]] = {}
-        judged: dict[str, list[float]] = {}
         prompts = [r["prompt"] for r in rows]
         references = [r["completion"][0]["content"] for r in rows]
         for name, ref in models.items():
@@ -79,20 +80,18 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             mlflow.set_tag(f"alignflow.chat_template.{name}", template)
             texts = [a["text"] for a in answers]
             given[name], correct[name], flaws = answers, correctness(rows, answers), answer_flaws(rows, answers)
-            rewards = scorer.score(prompts, texts, references)
             metrics = by_task(rows, correct[name], "accuracy") | flaw_shares(rows, flaws) | {
-                "mean_reward": sum(rewards) / len(rows), "eos_rate": sum(a["ended"] for a in answers) / len(rows),
+                "eos_rate": sum(a["ended"] for a in answers) / len(rows),
                 "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
+            if scorer.pointwise:  # a pairwise judge gives no reward to one answer alone: its win rates below
+                metrics["mean_reward"] = sum(scorer.score(prompts, texts, references)) / len(rows)
             low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
             metrics |= {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
-            # the win rate is judged by the verifier whatever ranked the pairs, unless the config says ranker
-            judged[name] = rewards if isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker" else \
-                verifier.score(prompts, texts, references)
             if sampled is not None:
                 metrics |= pass_at_k(rows, sampled, cfg.pass_k)
             results["metrics"][name] = metrics
             logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics["accuracy"], low, high,
-                        metrics["mean_reward"])
+                        metrics.get("mean_reward", float("nan")))
             for row, a, hit, flaw in list(zip(rows, answers, correct[name], flaws))[: cfg.samples_logged]:
                 samples["model"].append(name)
                 samples["prompt"].append(row["prompt"][-1]["content"])
@@ -101,10 +100,16 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                 samples["correct"].append(bool(hit))
                 samples["flaw"].append(flaw or "")
         if "sft" in models:
+            sft_texts = [a["text"] for a in given["sft"]]
             for name in models:
                 if name not in ("sft", "base"):
-                    results["metrics"][name] |= versus(correct[name], correct["sft"], judged[name], judged["sft"],
-                                                       cfg.bootstrap, ctx.seed)
+                    texts = [a["text"] for a in given[name]]
+                    lengths = np.array([len(a.split()) - len(b.split()) for a, b in zip(texts, sft_texts)])
+                    outcomes = judge.compare(prompts, texts, sft_texts, references)
+                    results["metrics"][name] |= versus(correct[name], correct["sft"], outcomes, cfg.bootstrap,
+                                                       ctx.seed, length_diff=lengths)
+        log_metrics(run_id, scorer.stats())
+        scorer.close()
         shown = report_prompts(rows, cfg.report_prompts, ctx.seed)
         results["examples"] = [_example(rows[i], given, i, "random") for i in shown]
         differ = differing_prompt(given, shown, ctx.seed) if cfg.report_prompts else None

@@ -13,6 +13,7 @@ from alignflow.config import RankSection
 from alignflow.data import read_jsonl, write_jsonl
 from alignflow.pairs import build_pairs
 from alignflow.refs import DatasetRef, digest_path
+from alignflow.stats import agreement
 from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
@@ -20,13 +21,29 @@ from tasks.transfer import local_model
 
 
 def score_rows(scorer: Scorer, rows: list[dict]) -> list[list[float]]:
-    flat = [(r["prompt"], c, r["reference"]) for r in rows for c in r["candidates"]]
-    scores = scorer.score(*map(list, zip(*flat)))
-    rewards, start = [], 0
-    for r in rows:
-        rewards.append(scores[start:start + len(r["candidates"])])
-        start += len(r["candidates"])
-    return rewards
+    """Per prompt, one score per candidate (a pairwise judge's: its win rate among them)."""
+    return scorer.score_groups([r["prompt"] for r in rows], [r["candidates"] for r in rows],
+                               [r["reference"] for r in rows])
+
+
+def agreements(cfg: RankSection, rows: list[dict], rewards: list[list[float]], device: str) -> dict[str, float]:
+    """How the ranker's order of each prompt's candidates agrees with each ranker of `rank.agree_with`
+    (pairwise agreement and Cohen's kappa, alignflow.stats.agreement): skipped, and said, for one that
+    needs reference answers the prompts lack."""
+    metrics = {}
+    for other in cfg.agree_with:
+        if other == cfg.ranker:
+            continue
+        if other.needs_reference and any(r["reference"] is None for r in rows):
+            stage_logger().info("agreement with %s skipped: not every prompt has a reference answer", other.type)
+            continue
+        scorer = other.open(device, fetch=local_model)
+        found = agreement(rewards, score_rows(scorer, rows))
+        scorer.close()
+        metrics |= {f"agreement.{other.type}": found["agreement"], f"kappa.{other.type}": found["kappa"]}
+        stage_logger().info("%s agrees with %s on %.1f%% of candidate pairs (Cohen's kappa %.3f)", cfg.ranker.type,
+                            other.type, 100 * found["agreement"], found["kappa"])
+    return metrics
 
 
 @task(name="rank", cache_policy=NONE)
@@ -35,11 +52,16 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
     with stage_run(ctx, name, flatten(cfg, "rank"), cache_key) as run_id:
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
-        rewards = score_rows(cfg.ranker.open(ctx.device, fetch=local_model), rows)
+        scorer = cfg.ranker.open(ctx.device, fetch=local_model)
+        rewards = score_rows(scorer, rows)
+        scorer.close()
+        log_metrics(run_id, scorer.stats() | agreements(cfg, rows, rewards, ctx.device))
         pairs, ties = build_pairs(rows, rewards, cfg.min_margin, cfg.pairs, ctx.seed)
         if not pairs:
+            hint = "; the judge's orders disagreed (position bias): see judge.consistency_rate" \
+                if scorer.stats().get("judge.consistency_rate", 1) < 0.5 else ""
             raise ValueError(f"ranking left no preference pairs: all {len(rows)} prompts were ties "
-                             f"(rank.min_margin={cfg.min_margin}); sample more or more varied candidates")
+                             f"(rank.min_margin={cfg.min_margin}); sample more or more varied candidates{hint}")
         out = write_jsonl(pairs, stage_dir(ctx, name, cache_key) / "pairs.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [p["prompt"][-1]["content"] for p in pairs],

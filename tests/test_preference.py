@@ -5,7 +5,8 @@ import pytest
 
 from alignflow.config import ConfigError, load_config
 from alignflow.pairs import build_pairs
-from alignflow.stats import answer_flaws, bootstrap_ci, flaw_of, flaw_shares, pass_at_k, versus
+from alignflow.stats import (answer_flaws, bootstrap_ci, flaw_of, flaw_shares, length_controlled_win_rate,
+                             outcomes_from_scores, pass_at_k, versus)
 from flows.pipeline import stage_name
 from tasks.dpo import without_sft_term
 from tasks.evaluate import differing_prompt, report_prompts
@@ -62,11 +63,27 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
 def test_win_rate_and_paired_difference_against_sft():
     sft = np.array([1, 0, 0, 1, 0], dtype=float)
     dpo = np.array([1, 1, 0, 1, 1], dtype=float)
-    result = versus(dpo, sft, [1.0, 1.0, 0.2, 1.0, 1.0], [1.0, 0.3, 0.4, 1.0, 0.1], 500, seed=0)
+    outcomes = outcomes_from_scores([1.0, 1.0, 0.2, 1.0, 1.0], [1.0, 0.3, 0.4, 1.0, 0.1])
+    result = versus(dpo, sft, outcomes, 500, seed=0)
     assert (result["wins_vs_sft"], result["losses_vs_sft"], result["ties_vs_sft"]) == (2, 1, 2)
     assert result["win_rate_vs_sft"] == pytest.approx((2 + 1) / 5)
     assert result["delta_vs_sft"] == pytest.approx(0.4)
     assert 0 <= result["delta_vs_sft_ci95_low"] <= 0.4 <= result["delta_vs_sft_ci95_high"]
+    assert result["win_rate_vs_sft_ci95_low"] <= 0.6 <= result["win_rate_vs_sft_ci95_high"]
+
+
+def test_length_controlled_win_rate_removes_a_judge_s_length_preference():
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0, 10, 4000)  # answer-length differences, words
+    # a judge that prefers the longer answer; at equal length the two models are even
+    biased = (rng.random(4000) < 1 / (1 + np.exp(-2 * np.tanh(diff / 10)))).astype(float)
+    longer = diff + 8  # the same judge, with the model's answers 8 words longer
+    biased_longer = (rng.random(4000) < 1 / (1 + np.exp(-2 * np.tanh(longer / 10)))).astype(float)
+    assert length_controlled_win_rate(biased, diff) == pytest.approx(0.5, abs=0.04)
+    assert biased_longer.mean() > 0.6  # the raw win rate rewards the length...
+    assert length_controlled_win_rate(biased_longer, longer) == pytest.approx(0.5, abs=0.04)  # ...the LC one not
+    even = versus(None, None, [1.0, 0.0] * 50, 200, seed=0, length_diff=np.zeros(100))
+    assert even["lc_win_rate_vs_sft"] == pytest.approx(0.5, abs=1e-6) and "delta_vs_sft" not in even
 
 
 def test_pass_at_k_counts_a_prompt_once_if_any_sample_is_right():

@@ -67,7 +67,8 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
         assert cells[2] == f"[{metrics[f'{model}.accuracy_ci95_low']:.3f}, {metrics[f'{model}.accuracy_ci95_high']:.3f}]"
         assert cells[3] == f"{metrics[f'{model}.pass_at_8']:.3f}"
         if model not in ("base", "sft"):
-            assert cells[7] == f"{metrics[f'{model}.win_rate_vs_sft']:.3f}"
+            assert cells[7].startswith(f"{metrics[f'{model}.win_rate_vs_sft']:.3f} [")
+            assert cells[8] == f"{metrics[f'{model}.lc_win_rate_vs_sft']:.3f}"
     # one row per stage run, in the registry's stage order, rounds in run order
     runs = [line.split("|")[1].strip() for line in text.split("## Stage runs")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| stage ")]
