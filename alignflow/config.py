@@ -169,6 +169,24 @@ class DPOSection(TrainerSection):
     trl_config = "DPOConfig"
     rounds: int = Field(default=1, ge=1)
     baselines: list[str] = []  # stages registered as baselines of `dpo` (alignflow.stages)
+    # your own preference data (a local file or hub dataset: prompt/chosen/rejected, chosen/rejected with the
+    # prompt implicit, or UltraFeedback-like scored answers; alignflow.data.load_preference_rows). Alone, DPO
+    # trains on it after SFT and sampling and ranking are skipped; with `mix: true` it joins the on-policy pairs.
+    data: DataSource | None = None
+    mix: bool = False
+
+    @model_validator(mode="after")
+    def _offline_has_one_round(self) -> DPOSection:
+        if self.mix and self.data is None:
+            raise ValueError("mix: true mixes dpo.data into the on-policy pairs: set dpo.data too")
+        if self.data is not None and not self.mix and self.rounds > 1:
+            raise ValueError("rounds > 1 samples from each new policy: with dpo.data alone there is nothing to "
+                             "sample; set mix: true or rounds: 1")
+        return self
+
+    def on_policy(self) -> bool:
+        """Whether the preference pairs include the SFT model's own ranked samples."""
+        return self.data is None or self.mix
 
     @field_validator("baselines")
     @classmethod

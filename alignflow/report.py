@@ -156,7 +156,9 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                               _fmt(sm.get("rejected_mean_reward")), _fmt(sm.get("chosen_mean_words"), 2),
                               _fmt(sm.get("rejected_mean_words"), 2), _fmt(sm.get("judge.consistency_rate")),
                               _agreements(sm)])
-            margins[stage] = [p["margin"] for p in _load_table(rec.stages[stage].info.run_id, "pairs_table.json")]
+            table = _load_table(rec.stages[stage].info.run_id, "pairs_table.json")
+            # the ranker's pairs: mixed-in dpo.data pairs may carry no margin
+            margins[stage] = [p["margin"] for p in table if p["margin"] is not None and not math.isnan(p["margin"])]
         _plot_margins(margins, out / "pair_margins.png")
         sections += ["## Preference pairs", _md_table(
             ["ranking", "pairs", "ties", "tie rate", "mean margin", "chosen reward", "rejected reward",

@@ -40,6 +40,7 @@ class Stage:
     task: Any
     config: dict[str, str] = field(default_factory=dict)  # argument -> dotted path in PipelineConfig ("" = all)
     inputs: dict[str, str] = field(default_factory=dict)  # argument -> upstream output
+    optional: tuple[str, ...] = ()  # arguments whose upstream output may be absent (then None)
     fixed: dict[str, Any] = field(default_factory=dict)  # constant arguments (a variant of a shared task)
     pins: Callable[[dict], dict] | None = None  # what else the cache key must hold, from the arguments
     cache: bool = True  # False: never cached (human labels, registry state, reading the inputs)
@@ -69,7 +70,12 @@ class Stage:
         kwargs = {arg: config_value(config, path) for arg, path in self.config.items()}
         for arg, source in self.inputs.items():
             if arg not in given:
-                kwargs[arg] = output_value(outputs, source)
+                try:
+                    kwargs[arg] = output_value(outputs, source)
+                except LookupError:
+                    if arg not in self.optional:
+                        raise
+                    kwargs[arg] = None
         return kwargs | self.fixed | given
 
 

@@ -110,8 +110,11 @@ def align(config: PipelineConfig | str = "configs/default.yaml", overrides: list
         out["load_data"] = run_stage("load_data", config, ctx, out)  # always runs: reads and checks the inputs
         out["select_base"] = run_stage("select_base", config, ctx, out)
         out["sft"] = run_stage("sft", config, ctx, out)
-        out["sample"] = run_stage("sample", config, ctx, out)
-        out["rank"] = run_stage("rank", config, ctx, out)
+        if config.dpo.on_policy():
+            out["sample"] = run_stage("sample", config, ctx, out)
+            out["rank"] = run_stage("rank", config, ctx, out)
+        else:  # dpo.data alone: DPO trains on the user's pairs, nothing is sampled or ranked
+            out["rank"] = out["load_data"]["preference"]
         out[stages.MODELS] = {"base": out["select_base"], "sft": out["sft"]}
         for variant in ["dpo", *config.dpo.baselines]:
             trained = preference_rounds(config, variant, out, ctx)

@@ -58,7 +58,7 @@ class SourceRun:
 
     def ref(self, stage_run_name: str, key: str | None = None) -> ArtifactRef:
         out = self.outputs(stage_run_name)
-        if out is None or (key is not None and key not in out):
+        if out is None or (key is not None and out.get(key) is None):
             raise LookupError(f"flow run {self.run.info.run_id} has no finished `{stage_run_name}` stage "
                               f"with a recorded output{f' {key!r}' if key else ''}")
         return parse_ref(out[key] if key else out)

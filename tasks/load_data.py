@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 
 from alignflow import embedded, stages
 from alignflow.config import PipelineConfig
-from alignflow.data import load_rows, write_jsonl
+from alignflow.data import load_preference_rows, load_rows, write_jsonl
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.stages import Stage, register
 from alignflow.stats import FLAWS
@@ -24,21 +24,29 @@ from alignflow.tracking import RunContext, flatten, log_dataset, record_output, 
 
 
 def sources(config: PipelineConfig) -> dict:
-    """name -> (data source, whether each row needs a reference answer)."""
-    return {"sft": (config.sft.data, True),
-            "prompts": (config.sample.prompts, config.rank.ranker.needs_reference),  # e.g. the verifier
-            "eval": (config.eval.data, True)}
+    """name -> (data source, whether each row needs a reference answer); `preference`: dpo.data's pairs
+    (the reference flag unused); sampling prompts only when the pairs are sampled."""
+    found = {"sft": (config.sft.data, True)}
+    if config.dpo.on_policy():
+        found["prompts"] = (config.sample.prompts, config.rank.ranker.needs_reference)  # e.g. the verifier
+    if config.dpo.data is not None:
+        found["preference"] = (config.dpo.data, False)
+    return found | {"eval": (config.eval.data, True)}
 
 
 def preflight(config: PipelineConfig, device: str) -> dict[str, tuple[str, list[dict]]]:
     """Every check that needs no model: the stages' own (TRL configs), then every dataset read and
-    validated (all before any is written). Returns name -> (source path, converted rows)."""
+    validated (all before any is written). Returns name -> (source path, (converted rows, ties dropped))."""
     stages.check_config(config, device)
     converted = {}
     for name, (source, require_reference) in sources(config).items():
         path = embedded.resolve(config.embedded, source.path, "data")
-        converted[name] = (path, load_rows(path, split=source.split, limit=source.limit,
-                                           require_reference=require_reference))
+        if name == "preference":
+            converted[name] = (path, load_preference_rows(path, split=source.split, limit=source.limit,
+                                                          seed=config.seed))
+        else:
+            converted[name] = (path, (load_rows(path, split=source.split, limit=source.limit,
+                                                require_reference=require_reference), 0))
     return converted
 
 
@@ -47,11 +55,13 @@ def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
     params = {f"{name}.{k}": v for name, (src, _) in sources(config).items() for k, v in flatten(src).items()}
     with stage_run(ctx, "load_data", params) as run_id:
         refs = {}
-        for name, (path, rows) in preflight(config, ctx.device).items():
+        for name, (path, (rows, ties)) in preflight(config, ctx.device).items():
             out = write_jsonl(rows, Path(ctx.output_dir) / "data" / f"{name}.jsonl")
             log_dataset(rows, source=path, name=name, context=name)
             mlflow.log_artifact(str(out), "data")
             mlflow.log_metric(f"{name}.rows", len(rows))
+            if name == "preference":  # scored rows whose answers all scored the same: no pair, dropped
+                mlflow.log_metric("preference.ties_dropped", ties)
             if any(r.get("flaw") for r in rows):  # demonstrations known to be flawed (embedded.flaws), by kind
                 mlflow.log_metrics({f"{name}.flaw_share.{kind}": sum(r.get("flaw") == kind for r in rows) / len(rows)
                                     for kind in FLAWS})

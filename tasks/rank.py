@@ -48,7 +48,8 @@ def agreements(cfg: RankSection, rows: list[dict], rewards: list[list[float]], d
 
 @task(name="rank", cache_policy=NONE)
 def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = "rank",
-         cache_key: str | None = None) -> DatasetRef:
+         own: DatasetRef | None = None, cache_key: str | None = None) -> DatasetRef:
+    """`own`: the user's preference pairs (dpo.data with dpo.mix), added after the ranked ones."""
     with stage_run(ctx, name, flatten(cfg, "rank"), cache_key) as run_id:
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
@@ -62,21 +63,28 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
                 if scorer.stats().get("judge.consistency_rate", 1) < 0.5 else ""
             raise ValueError(f"ranking left no preference pairs: all {len(rows)} prompts were ties "
                              f"(rank.min_margin={cfg.min_margin}); sample more or more varied candidates{hint}")
+        sampled = len(pairs)
+        if own is not None:
+            pairs += read_jsonl(own.resolve())
+            log_metrics(run_id, {"sampled_pairs": sampled, "data_pairs": len(pairs) - sampled})
+            stage_logger().info("%d on-policy pairs mixed with %d of dpo.data", sampled, len(pairs) - sampled)
         out = write_jsonl(pairs, stage_dir(ctx, name, cache_key) / "pairs.jsonl")
         mlflow.log_artifact(str(out))
         mlflow.log_table({"prompt": [p["prompt"][-1]["content"] for p in pairs],
                           "chosen": [p["chosen"][0]["content"] for p in pairs],
                           "rejected": [p["rejected"][0]["content"] for p in pairs],
-                          "margin": [p["margin"] for p in pairs], "task": [p["task"] for p in pairs]},
-                         "pairs_table.json")
+                          "margin": [p["margin"] for p in pairs], "task": [p["task"] for p in pairs],
+                          "source": [p.get("source", "ranked") for p in pairs]}, "pairs_table.json")
         all_rewards = [x for r in rewards for x in r]
-        words = lambda side: sum(len(p[side][0]["content"].split()) for p in pairs) / len(pairs)  # noqa: E731
+        ranked = pairs[:sampled]  # the margins and rewards are the ranker's
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        words = lambda side: mean([len(p[side][0]["content"].split()) for p in pairs])  # noqa: E731
         log_metrics(run_id, {"pairs": len(pairs), "ties": ties, "tie_rate": ties / len(rows),
-                             "mean_margin": sum(p["margin"] for p in pairs) / len(pairs),
+                             "mean_margin": mean([p["margin"] for p in ranked]),
                              "chosen_mean_words": words("chosen"), "rejected_mean_words": words("rejected"),
-                             "chosen_mean_reward": sum(p["chosen_reward"] for p in pairs) / len(pairs),
-                             "rejected_mean_reward": sum(p["rejected_reward"] for p in pairs) / len(pairs),
-                             "mean_candidate_reward": sum(all_rewards) / len(all_rewards)})
+                             "chosen_mean_reward": mean([p["chosen_reward"] for p in ranked]),
+                             "rejected_mean_reward": mean([p["rejected_reward"] for p in ranked]),
+                             "mean_candidate_reward": mean(all_rewards)})
         stage_logger().info("%d pairs from %d prompts (%d ties)", len(pairs), len(rows), ties)
         ref = DatasetRef(uri=f"runs:/{run_id}/{out.name}", digest=digest_path(out), run_id=run_id,
                          local_path=str(out), chat_template=candidates.chat_template)
@@ -84,5 +92,6 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
         return ref
 
 
-register(Stage(name="rank", task=rank, config={"cfg": "rank"}, inputs={"candidates": "sample"},
-               describe="candidates scored into preference pairs"))
+register(Stage(name="rank", task=rank, config={"cfg": "rank"},
+               inputs={"candidates": "sample", "own": "load_data.preference"}, optional=("own",),
+               enabled=lambda config: config.dpo.on_policy(), describe="candidates scored into preference pairs"))

@@ -62,5 +62,5 @@ def sample(cfg: SampleSection, policy: ModelRef, prompts: DatasetRef, ctx: RunCo
 
 
 register(Stage(name="sample", task=sample, config={"cfg": "sample"},
-               inputs={"policy": "sft", "prompts": "load_data.prompts"},
+               inputs={"policy": "sft", "prompts": "load_data.prompts"}, enabled=lambda config: config.dpo.on_policy(),
                describe="candidate answers from the SFT model"))
