@@ -133,6 +133,10 @@ class Scorer:
         a, b = self.score(prompts, first, references), self.score(prompts, second, references)
         return [0.5 if x == y else float(x > y) for x, y in zip(a, b)]
 
+    def keep_files_in(self, folder) -> None:
+        """Where the scorer may keep files that must outlive the process (the rank stage's directory):
+        the human ranker's exports and partial labels. Most scorers keep none."""
+
     def stats(self) -> dict[str, float]:
         """What the scorer measured about itself so far (a judge's consistency rate), for the stage's run."""
         return {}
@@ -156,6 +160,6 @@ class Engine(Component):
         raise NotImplementedError
 
 
-RANKERS = Registry("ranker", ("alignflow.rankers", "alignflow.judges"))
+RANKERS = Registry("ranker", ("alignflow.rankers", "alignflow.judges", "alignflow.human"))
 PAIRS = Registry("pair strategy", ("alignflow.pairs",))
 ENGINES = Registry("generation engine", ("alignflow.generation",))

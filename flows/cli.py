@@ -79,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                    help="a config file (default: the source run's recorded config), then overrides")
+    p = sub.add_parser("label", help="send human labels to a flow run paused for them (rank.ranker: human)")
+    label = p.add_subparsers(dest="action", required=True)
+    q = label.add_parser("import", help="check a labels file, then resume the paused run with it")
+    q.add_argument("flow_run_id", help="the Prefect flow run id (in the run's logs and its labels-wanted artifact)")
+    q.add_argument("file", help="the exported to_label.csv with its rank column filled in, or JSONL "
+                                "{prompt_id, ranks: {candidate_id: rank}} rows")
+    q.add_argument("--done", action="store_true", help="finish with what is labelled; the rest is dropped")
+    q = label.add_parser("show", help="what a paused run waits for: files, progress, the last rejected batch")
+    q.add_argument("flow_run_id")
     for name in ("deploy", "serve"):
         p = sub.add_parser(name, help="create Prefect deployments for a work pool" if name == "deploy"
                            else "serve the deployments from this process until stopped")
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stage_command(args)
     if args.command in ("deploy", "serve"):
         return _deploy_command(args)
+    if args.command == "label":
+        return _label_command(args)
 
     from alignflow.config import ConfigError, load_config
 
@@ -166,6 +177,31 @@ def _stage_command(args) -> int:
     print(_table(result) if "metrics" in result else f"{args.name}: {result['output']['uri']} "
           f"({result['output']['digest'][:19]})")
     print(f"MLflow parent run: {result['parent_run_id']} (rerun of {args.from_run})")
+    return 0
+
+
+def _label_command(args) -> int:
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError
+
+    from alignflow.human import LabelError, read_status, send_labels
+
+    try:
+        if args.action == "show":
+            status = read_status(args.flow_run_id)
+            waiting = len(status["expected"]) - len(status["labelled"])
+            print(f"candidates: {status['candidates_jsonl']}\n            {status.get('candidates_csv', '')}\n"
+                  f"labels so far: {status['partial_labels']}\n"
+                  f"labelled: {len(status['labelled'])} of {len(status['expected'])} prompts ({waiting} waiting)"
+                  + ("\nfinished" if status.get("finished") else "")
+                  + (f"\nlast batch rejected: {status['rejected']}" if status.get("rejected") else ""))
+            return 0
+        sent = send_labels(args.flow_run_id, args.file, args.done)
+    except (LabelError, LookupError, NotPausedError, FlowPauseTimeout, RuntimeError) as err:
+        print(f"alignflow label {args.action}: {err}", file=sys.stderr)
+        return 2
+    print(f"sent labels for {sent} prompts to flow run {args.flow_run_id}"
+          + (" (done: unlabelled prompts are dropped)" if args.done else "")
+          + f"; `alignflow label show {args.flow_run_id}` shows whether they were accepted")
     return 0
 
 

@@ -54,6 +54,7 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
         scorer = cfg.ranker.open(ctx.device, fetch=local_model)
+        scorer.keep_files_in(stage_dir(ctx, name, cache_key))
         rewards = score_rows(scorer, rows)
         scorer.close()
         log_metrics(run_id, scorer.stats() | agreements(cfg, rows, rewards, ctx.device))

@@ -1,0 +1,182 @@
+"""Human ranking inside the flow: a real `alignflow run` paused on a real Prefect server, driven through
+Prefect's API and `alignflow label`; bad labels are named and rejected while the run keeps waiting."""
+
+import csv
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from alignflow.human import LabelError, check_labels, read_label_file, scores_from_ranks, write_exports
+from tests.conftest import BIN, QUIET, SMOKE, stop_tree
+
+EXPECTED = {"p0": ["c0", "c1", "c2"], "p1": ["c0", "c1", "c2"]}
+
+
+@pytest.mark.parametrize("labels, row, field, problem", [
+    ([{"prompt_id": "p9", "ranks": {}}], 1, "prompt_id", "unknown prompt id 'p9'"),
+    ([{"prompt_id": "p0", "ranks": {"c0": 1, "c1": 2, "c7": 3}}], 1, "ranks.c7", "unknown candidate id 'c7'"),
+    ([{"prompt_id": "p1", "ranks": {"c0": 1, "c1": 2}}], 1, "ranks", r"\['c2'\] of prompt p1 have no rank"),
+    ([{"prompt_id": "p1", "ranks": {"c0": 1, "c1": 1, "c2": 3}}], 1, "ranks", "duplicate ranks"),
+    ([{"prompt_id": "p0", "ranks": {"c0": 1, "c1": 2, "c2": 4}}], 1, "ranks.c2", "out of range: 1 \\(best\\) to 3"),
+    ([{"prompt_id": "p0", "ranks": {"c0": 1, "c1": 2, "c2": 3}}, {"prompt_id": "p0", "ranks": {}}], 2, "prompt_id",
+     "labelled twice"),
+    (["p0"], 1, None, "expected an object"),
+])
+def test_bad_labels_are_named_by_row_and_field(labels, row, field, problem):
+    with pytest.raises(LabelError, match=problem) as err:
+        check_labels(labels, EXPECTED, "batch")
+    assert (err.value.row, err.value.field) == (row, field)
+
+
+def test_the_exported_csv_filled_in_is_a_labels_file(tmp_path):
+    texts = {"p0": ["a", "b, \"quoted\"", "c"], "p1": ["x", "x", "x"]}
+    rows = [{"prompt_id": p, "prompt": f"Q{p}", "candidates": [{"candidate_id": f"c{j}", "text": t}
+                                                               for j, t in enumerate(ts)]} for p, ts in texts.items()]
+    _, table = write_exports(rows, tmp_path)
+    records = list(csv.DictReader(open(table, encoding="utf-8")))
+    assert [r["candidate"] for r in records[:3]] == texts["p0"] and all(r["rank"] == "" for r in records)
+    for r, rank in zip(records, ["2", "1", "3", "", "", ""]):  # p0 labelled, p1 left for later
+        r["rank"] = rank
+    filled = tmp_path / "filled.csv"
+    with open(filled, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    assert read_label_file(str(filled), EXPECTED) == {"p0": {"c0": 2, "c1": 1, "c2": 3}}
+    records[4]["rank"] = "two"
+    with open(filled, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    with pytest.raises(LabelError, match="row 6: field 'rank': rank 'two' is not a whole number"):
+        read_label_file(str(filled), EXPECTED)
+    assert scores_from_ranks({"c0": 2, "c1": 1, "c2": 3}, ["c0", "c1", "c2"]) == [0.5, 1.0, 0.0]
+
+
+def _wait(what: str, check, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    """Poll `check` until it returns something truthy; fail (with the run's log) past the timeout or if
+    the run exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def _paused_run(prefect_api: str):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+    return str(runs[0].id) if runs else None
+
+
+def _start(tmp_path: Path, prefect_api: str, name: str, ranker: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{name}.log"
+    env = {**os.environ, **QUIET, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect_home")}
+    proc = subprocess.Popen([str(BIN / "alignflow"), "run", str(SMOKE), f"output_dir={tmp_path / 'out'}",
+                             f"experiment={name}", f"rank.ranker={ranker}", "eval.pass_k=0", "registry.enabled=false",
+                             "dpo.trainer.num_train_epochs=0.5"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+                            start_new_session=True)
+    return proc, log
+
+
+@pytest.mark.slow
+def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on_them(prefect_api, tmp_path):
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from alignflow.human import read_status
+    from flows.cli import main
+
+    proc, log = _start(tmp_path, prefect_api, "human", "{type: human, poll_seconds: 1}")
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            run_id = _wait("the run to pause for labels", lambda: _paused_run(prefect_api), proc, log)
+            status = read_status(run_id)
+            expected = status["expected"]
+            assert len(expected) == 24 and status["labelled"] == [] and Path(status["candidates_csv"]).is_file()
+            table = list(csv.DictReader(open(status["candidates_csv"], encoding="utf-8")))
+
+            # a bad file is refused by the CLI before anything is sent: the run keeps waiting
+            bad = tmp_path / "bad.csv"
+            with open(bad, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows([{**r, "rank": "1"} for r in table if r["prompt_id"] == "p0"])  # all rank 1
+            assert main(["label", "import", run_id, str(bad)]) == 2
+            assert _paused_run(prefect_api) == run_id
+
+            # a bad batch through Prefect's API: the flow rejects it, names it, and pauses again
+            resume_flow_run(run_id, run_input={"labels": [{"prompt_id": "p0", "ranks": {"c9": 1}}]})
+            rejected = _wait("the batch to be rejected", lambda: (read_status(run_id).get("rejected") or "")
+                             if _paused_run(prefect_api) == run_id else "", proc, log)
+            assert "unknown candidate id 'c9'" in rejected
+
+            # half the prompts through the API (the last candidate best), the rest as the exported CSV filled in
+            def ranks(cands):  # c3 best ... c0 worst
+                return {c: len(cands) - k for k, c in enumerate(cands)}
+            first = [{"prompt_id": p, "ranks": ranks(c)} for p, c in list(expected.items())[:12]]
+            resume_flow_run(run_id, run_input={"labels": first})
+            _wait("the first batch", lambda: len(read_status(run_id)["labelled"]) == 12
+                  and _paused_run(prefect_api) == run_id, proc, log)
+            filled = tmp_path / "labels.csv"
+            with open(filled, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows([{**r, "rank": ranks(expected[r["prompt_id"]])[r["candidate_id"]]} for r in table
+                                  if r["prompt_id"] not in dict.fromkeys(p["prompt_id"] for p in first)])
+            assert main(["label", "import", run_id, str(filled)]) == 0
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        stop_tree(proc)
+
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("human").experiment_id])}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    rank = runs["rank"]
+    assert rank.data.metrics["human.labelled_prompts"] == 24 and rank.data.metrics["pairs"] == 24
+    assert "agreement.verifier" in rank.data.metrics  # the human ranking against the automatic one
+    digest = rank.data.tags["alignflow.human_labels_sha256"]
+    stored = client.download_artifacts(rank.info.run_id, f"labels/human_labels-{digest[:16]}.jsonl", str(tmp_path))
+    assert len(Path(stored).read_text().splitlines()) == 24
+    candidates = {r["prompt_id"]: r for r in map(json.loads, Path(client.download_artifacts(
+        rank.info.run_id, "to_label/to_label.jsonl", str(tmp_path))).read_text().splitlines())}
+    pairs = [json.loads(line) for line in Path(client.download_artifacts(
+        rank.info.run_id, "pairs.jsonl", str(tmp_path))).read_text().splitlines()]
+    for pair, (pid, row) in zip(pairs, candidates.items()):  # DPO's pairs: the labelled best against the worst
+        assert pair["chosen"][0]["content"] == row["candidates"][-1]["text"]
+        assert pair["rejected"][0]["content"] == row["candidates"][0]["text"]
+    dpo = runs["dpo"]
+    assert dpo.data.metrics["global_step"] > 0
+    assert any(d.dataset.digest for d in dpo.inputs.dataset_inputs if d.dataset.name == "pairs")
+
+
+@pytest.mark.slow
+def test_no_labels_in_time_fails_the_run_saying_where_everything_is(prefect_api, tmp_path):
+    proc, log = _start(tmp_path, prefect_api, "human-timeout", "{type: human, poll_seconds: 1, timeout_hours: 0.003}")
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        stop_tree(proc)
+    text = log.read_text()
+    assert rc != 0
+    assert "no labels for 24 of 24 prompts" in text and "to_label.jsonl" in text and "labels.partial.jsonl" in text
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("human-timeout").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs if r.info.run_name in ("rank", "dpo") or
+                        "mlflow.parentRunId" not in r.data.tags)
+    assert not any(r.info.status == "RUNNING" for r in runs)
