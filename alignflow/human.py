@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from alignflow.components import RANKERS, Ranker, Scorer
 from alignflow.data import DataError
+from alignflow.labelstudio import LabelStudioSection
 
 STATUS_KEY = "alignflow-labelling"  # the flow run input where the rank stage says what it waits for
 
@@ -184,6 +185,8 @@ class Human(Ranker):
     timeout_hours: float = Field(default=72.0, gt=0)  # then the stage fails, saying where everything is
     poll_seconds: float = Field(default=10.0, gt=0)  # how often the paused flow asks the API for labels
     labels: str | None = None  # a labels file collected earlier (CSV or JSONL): used instead of pausing
+    # pairwise labels in a Label Studio project instead (alignflow.labelstudio): {url, api_key_env, max_pairs}
+    label_studio: LabelStudioSection | None = None
 
     def cache_pins(self) -> dict:
         from alignflow.caching import Uncacheable
@@ -208,6 +211,7 @@ class HumanLabels(Scorer):
     def score_groups(self, prompts, candidates, references):
         import mlflow
 
+        from alignflow.labelstudio import wait_for_pairs
         from alignflow.tracking import log_dataset
         from tasks import stage_logger
 
@@ -218,13 +222,24 @@ class HumanLabels(Scorer):
             for exported in (jsonl, table):
                 mlflow.log_artifact(str(exported), "to_label")
         expected = expected_ids(rows)
-        if self.cfg.labels is not None:
-            labelled = read_label_file(self.cfg.labels, expected)
+        logger = stage_logger()
+        if self.cfg.label_studio is not None:
+            title = f"alignflow {folder.name} {mlflow.active_run().info.run_id[:8] if mlflow.active_run() else ''}"
+            scores, stored, project = wait_for_pairs(self.cfg.label_studio, rows, title.strip(),
+                                                     self.cfg.timeout_hours, self.cfg.poll_seconds, 0, logger)
+            self.counts = {"human.labelled_pairs": len(stored), "human.label_studio_project": project}
         else:
-            labelled = wait_for_labels(self.cfg, expected, folder, jsonl, table)
-        if not labelled:
-            raise LabelError(str(folder / "labels.partial.jsonl"), "no prompt was labelled")
-        stored = [{"prompt_id": pid, "ranks": labelled[pid]} for pid in expected if pid in labelled]
+            if self.cfg.labels is not None:
+                labelled = read_label_file(self.cfg.labels, expected)
+            else:
+                labelled = wait_for_labels(self.cfg, expected, folder, jsonl, table)
+            if not labelled:
+                raise LabelError(str(folder / "labels.partial.jsonl"), "no prompt was labelled")
+            stored = [{"prompt_id": pid, "ranks": labelled[pid]} for pid in expected if pid in labelled]
+            self.counts = {"human.labelled_prompts": len(stored), "human.unlabelled_prompts": len(rows) - len(stored)}
+            # an unlabelled prompt's candidates all score the same: a tie, dropped by the pair builder
+            scores = [scores_from_ranks(labelled[r["prompt_id"]], expected[r["prompt_id"]])
+                      if r["prompt_id"] in labelled else [0.0] * len(r["candidates"]) for r in rows]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stored)
         digest = hashlib.sha256(text.encode()).hexdigest()
         path = folder / f"human_labels-{digest[:16]}.jsonl"
@@ -233,12 +248,8 @@ class HumanLabels(Scorer):
             mlflow.log_artifact(str(path), "labels")
             log_dataset(stored, source=str(path), name="human_labels", context="ranking")
             mlflow.set_tag("alignflow.human_labels_sha256", digest)
-        self.counts = {"human.labelled_prompts": len(stored), "human.unlabelled_prompts": len(rows) - len(stored)}
-        stage_logger().info("%d of %d prompts labelled by hand (labels sha256 %s)", len(stored), len(rows),
-                            digest[:16])
-        # an unlabelled prompt's candidates all score the same: a tie, dropped by the pair builder
-        return [scores_from_ranks(labelled[r["prompt_id"]], expected[r["prompt_id"]])
-                if r["prompt_id"] in labelled else [0.0] * len(r["candidates"]) for r in rows]
+        logger.info("%d human labels stored as %s", len(stored), path.name)
+        return scores
 
     def compare(self, prompts, first, second, references):
         raise NotImplementedError("human labels rank the sampled candidates; evaluation is judged by another "

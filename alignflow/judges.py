@@ -64,6 +64,21 @@ def judge_messages(prompt: list[dict], a: str, b: str, explain: bool) -> list[di
             {"role": "user", "content": USER.format(question=question, a=a, b=b)}]
 
 
+def win_rates(candidates: list[list[str]], games: list[tuple[int, int, int]], outcomes: list[float]
+              ) -> list[list[float]]:
+    """Per prompt, each candidate's share of its pairwise games won (a tie counts half); `games` are
+    (prompt index, i, j) with outcome 1.0 when i won. A candidate in no game (an identical copy of
+    another, or one a cap left out) scores 0.5."""
+    wins = [[0.0] * len(c) for c in candidates]
+    played = [[0] * len(c) for c in candidates]
+    for (k, i, j), p in zip(games, outcomes):
+        wins[k][i] += p
+        wins[k][j] += 1 - p
+        played[k][i] += 1
+        played[k][j] += 1
+    return [[w / g if g else 0.5 for w, g in zip(ws, gs)] for ws, gs in zip(wins, played)]
+
+
 def parse_verdict(text: str) -> str | None:
     """MT-Bench's rule: the last [[A]] / [[B]] / [[C]] in the reply; None when there is none."""
     found = VERDICT_RE.findall(text or "")
@@ -166,16 +181,7 @@ class PairwiseJudge(Scorer):
             for i, j in pairs:
                 items.append((prompt, cands[i], cands[j]))
                 where.append((k, i, j))
-        outcomes = self._judge(items)
-        wins = [[0.0] * len(c) for c in candidates]
-        games = [[0] * len(c) for c in candidates]
-        for (k, i, j), p in zip(where, outcomes):
-            wins[k][i] += p
-            wins[k][j] += 1 - p
-            games[k][i] += 1
-            games[k][j] += 1
-        # win rate over the games played; an identical copy of another candidate, or one the cap left out, scores 0.5
-        return [[w / g if g else 0.5 for w, g in zip(ws, gs)] for ws, gs in zip(wins, games)]
+        return win_rates(candidates, where, self._judge(items))
 
     def compare(self, prompts, first, second, references):
         items = [(p, a, b) for p, a, b in zip(prompts, first, second)]

@@ -88,7 +88,7 @@ class RunRecords:
 
     def models(self) -> list[str]:
         """Evaluated models in stage order: base, sft, dpo rounds, dpo, baselines."""
-        return model_order({k.split(".")[0] for k in self.metrics if k.endswith(".accuracy") and k.count(".") == 1})
+        return model_order({k.split(".")[0] for k in self.metrics if k.endswith(".eos_rate") and k.count(".") == 1})
 
     def tasks(self) -> list[str]:
         return sorted({k.split(".", 2)[2] for k in self.metrics if k.startswith("sft.accuracy.")})
@@ -129,13 +129,14 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
         sections.append("Reused from earlier runs (config, input digests and code unchanged): " + ", ".join(
             f"`{stage}` (run `{source}`)" for stage, source in rec.cached.items()) + ".")
 
-    task_header = ["task"] + [f"{n} greedy" + (f" / {pk.replace('_at_', '@')}" if pk else "") for n in models]
-    task_rows = [[t] + [_fmt(get(f"{n}.accuracy.{t}")) + (f" / {_fmt(get(f'{n}.{pk}.{t}'))}" if pk else "")
-                        for n in models] for t in tasks]
-    sections += ["## Accuracy per task type", _md_table(task_header, task_rows),
-                 "![accuracy per task type](accuracy_by_task.png)"]
-    _plot_tasks(rec, models, tasks, out / "accuracy_by_task.png")
-    sections += flaw_section(rec, models, tasks, out / "flaws.png")
+    if tasks:  # accuracy needs reference answers; open-ended eval prompts have the win rates above only
+        task_header = ["task"] + [f"{n} greedy" + (f" / {pk.replace('_at_', '@')}" if pk else "") for n in models]
+        task_rows = [[t] + [_fmt(get(f"{n}.accuracy.{t}")) + (f" / {_fmt(get(f'{n}.{pk}.{t}'))}" if pk else "")
+                            for n in models] for t in tasks]
+        sections += ["## Accuracy per task type", _md_table(task_header, task_rows),
+                     "![accuracy per task type](accuracy_by_task.png)"]
+        _plot_tasks(rec, models, tasks, out / "accuracy_by_task.png")
+        sections += flaw_section(rec, models, tasks, out / "flaws.png")
 
     if "select_base" in rec.stages:
         table = _load_table(rec.stages["select_base"].info.run_id, "candidates.json")

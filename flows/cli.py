@@ -25,9 +25,10 @@ def _table(results: dict) -> str:
     lines = [f"{'model':<11} {'accuracy':>9} {'95% CI':>15} {'pass@k':>7} {'mean reward':>12} {'eos rate':>9}"]
     for stage, m in results["metrics"].items():
         passes = [v for k, v in m.items() if k.startswith("pass_at_") and "." not in k]
-        ci = f"[{m['accuracy_ci95_low']:.3f}, {m['accuracy_ci95_high']:.3f}]"
-        lines.append(f"{stage:<11} {m['accuracy']:>9.3f} {ci:>15} {passes[0] if passes else float('nan'):>7.3f} "
-                     f"{m.get('mean_reward', float('nan')):>12.3f} {m['eos_rate']:>9.3f}")
+        nan = float("nan")
+        ci = f"[{m.get('accuracy_ci95_low', nan):.3f}, {m.get('accuracy_ci95_high', nan):.3f}]"
+        lines.append(f"{stage:<11} {m.get('accuracy', nan):>9.3f} {ci:>15} {passes[0] if passes else nan:>7.3f} "
+                     f"{m.get('mean_reward', nan):>12.3f} {m['eos_rate']:>9.3f}")
     return "\n".join(lines)
 
 

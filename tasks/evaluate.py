@@ -52,7 +52,8 @@ def differing_prompt(answers: dict[str, list[dict]], shown: list[int], seed: int
 
 
 def _example(row: dict, answers: dict[str, list[dict]], i: int, label: str) -> dict:
-    return {"prompt": row["prompt"][-1]["content"], "task": row["task"], "reference": row["completion"][0]["content"],
+    reference = row["completion"][0]["content"] if row["completion"] else ""
+    return {"prompt": row["prompt"][-1]["content"], "task": row["task"], "reference": reference,
             "answers": {name: given[i]["text"] for name, given in answers.items()}, "label": label}
 
 
@@ -74,30 +75,40 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         correct: dict[str, np.ndarray] = {}
         given: dict[str, list[dict]] = {}
         prompts = [r["prompt"] for r in rows]
-        references = [r["completion"][0]["content"] for r in rows]
+        # without reference answers (open-ended prompts) the ranker's head-to-head is the evaluation
+        refs = all(r["completion"] for r in rows)
+        references = [r["completion"][0]["content"] if r["completion"] else None for r in rows]
+        if not refs:
+            logger.info("the eval prompts have no reference answers: no accuracy, flaws or pass@k; the %s judges "
+                        "each model against SFT", ranker.type)
         for name, ref in models.items():
-            template, answers, sampled = answer(cfg, ref, prompts, ctx.device, name, ctx.seed, cfg.pass_k)
+            template, answers, sampled = answer(cfg, ref, prompts, ctx.device, name, ctx.seed,
+                                                cfg.pass_k if refs else 0)
             mlflow.set_tag(f"alignflow.chat_template.{name}", template)
             texts = [a["text"] for a in answers]
-            given[name], correct[name], flaws = answers, correctness(rows, answers), answer_flaws(rows, answers)
-            metrics = by_task(rows, correct[name], "accuracy") | flaw_shares(rows, flaws) | {
-                "eos_rate": sum(a["ended"] for a in answers) / len(rows),
-                "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
+            given[name] = answers
+            metrics = {"eos_rate": sum(a["ended"] for a in answers) / len(rows),
+                       "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
             if scorer.pointwise:  # a pairwise judge gives no reward to one answer alone: its win rates below
                 metrics["mean_reward"] = sum(scorer.score(prompts, texts, references)) / len(rows)
-            low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
-            metrics |= {"accuracy_ci95_low": low, "accuracy_ci95_high": high}
-            if sampled is not None:
-                metrics |= pass_at_k(rows, sampled, cfg.pass_k)
+            flaws = [None] * len(rows)
+            if refs:
+                correct[name], flaws = correctness(rows, answers), answer_flaws(rows, answers)
+                low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
+                metrics |= by_task(rows, correct[name], "accuracy") | flaw_shares(rows, flaws) | {
+                    "accuracy_ci95_low": low, "accuracy_ci95_high": high}
+                if sampled is not None:
+                    metrics |= pass_at_k(rows, sampled, cfg.pass_k)
             results["metrics"][name] = metrics
-            logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics["accuracy"], low, high,
+            logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics.get("accuracy", float("nan")),
+                        metrics.get("accuracy_ci95_low", float("nan")), metrics.get("accuracy_ci95_high", float("nan")),
                         metrics.get("mean_reward", float("nan")))
-            for row, a, hit, flaw in list(zip(rows, answers, correct[name], flaws))[: cfg.samples_logged]:
+            for i, (row, a, flaw) in enumerate(list(zip(rows, answers, flaws))[: cfg.samples_logged]):
                 samples["model"].append(name)
                 samples["prompt"].append(row["prompt"][-1]["content"])
-                samples["reference"].append(row["completion"][0]["content"])
+                samples["reference"].append(references[i] or "")
                 samples["answer"].append(a["text"])
-                samples["correct"].append(bool(hit))
+                samples["correct"].append(bool(correct[name][i]) if refs else None)
                 samples["flaw"].append(flaw or "")
         if "sft" in models:
             sft_texts = [a["text"] for a in given["sft"]]
@@ -106,8 +117,8 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                     texts = [a["text"] for a in given[name]]
                     lengths = np.array([len(a.split()) - len(b.split()) for a, b in zip(texts, sft_texts)])
                     outcomes = judge.compare(prompts, texts, sft_texts, references)
-                    results["metrics"][name] |= versus(correct[name], correct["sft"], outcomes, cfg.bootstrap,
-                                                       ctx.seed, length_diff=lengths)
+                    results["metrics"][name] |= versus(correct.get(name), correct.get("sft"), outcomes,
+                                                       cfg.bootstrap, ctx.seed, length_diff=lengths)
         log_metrics(run_id, scorer.stats())
         scorer.close()
         shown = report_prompts(rows, cfg.report_prompts, ctx.seed)

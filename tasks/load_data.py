@@ -31,7 +31,9 @@ def sources(config: PipelineConfig) -> dict:
         found["prompts"] = (config.sample.prompts, config.rank.ranker.needs_reference)  # e.g. the verifier
     if config.dpo.data is not None:
         found["preference"] = (config.dpo.data, False)
-    return found | {"eval": (config.eval.data, True)}
+    # held-out prompts may lack reference answers when a ranker that needs none judges the models
+    free = config.eval.win_rate_by == "ranker" and not config.rank.ranker.needs_reference
+    return found | {"eval": (config.eval.data, not free)}
 
 
 def preflight(config: PipelineConfig, device: str) -> dict[str, tuple[str, list[dict]]]:

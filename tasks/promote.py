@@ -37,7 +37,7 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
     """`evaluation`: the evaluate stage's results, whose per-prompt correctness of `dpo` is the challenger's."""
     from mlflow.tracking import MlflowClient
 
-    challenger_correct = evaluation["correct"]["dpo"]
+    challenger_correct = evaluation["correct"].get("dpo")  # absent: the eval prompts have no reference answers
     logger = stage_logger()
     sft_name, dpo_name = registry_names(cfg, experiment)
     client = MlflowClient()
@@ -50,7 +50,11 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
         client.set_registered_model_alias(dpo_name, "challenger", challenger.version)
         decision = {"model": dpo_name, "challenger_version": int(challenger.version),
                     "sft_model": sft_name, "sft_version": int(sft_version.version)}
-        if champion is None or str(champion.version) == str(challenger.version):
+        if challenger_correct is None and champion is not None:
+            promoted = False
+            decision |= {"decision": "kept champion (no reference answers to compare accuracy on)",
+                         "champion_version": int(champion.version)}
+        elif champion is None or str(champion.version) == str(challenger.version):
             promoted = champion is None
             decision |= {"decision": "first champion" if promoted else "already champion",
                          "champion_version": int(challenger.version)}

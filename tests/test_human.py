@@ -180,3 +180,80 @@ def test_no_labels_in_time_fails_the_run_saying_where_everything_is(prefect_api,
     assert runs and all(r.info.status == "FAILED" for r in runs if r.info.run_name in ("rank", "dpo") or
                         "mlflow.parentRunId" not in r.data.tags)
     assert not any(r.info.status == "RUNNING" for r in runs)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio server on loopback, from its own venv (infra/label-studio.sh builds it once);
+    skipped, saying why, where it cannot be installed."""
+    from tests.conftest import ROOT, Server, free_port
+
+    root = tmp_path_factory.mktemp("label_studio")
+    env = {"LABEL_STUDIO_USERNAME": "alignflow-test@example.com", "LABEL_STUDIO_PASSWORD": "test-only-Pw0rd",
+           "LABEL_STUDIO_API_KEY": "test0only0token0f3a9c1d", "LABEL_STUDIO_PORT": str(free_port()),
+           "LABEL_STUDIO_BASE_DATA_DIR": str(root / "data")}
+    install = subprocess.run(["bash", str(ROOT / "infra" / "label-studio.sh"), "--install-only"], cwd=ROOT,
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"Label Studio could not be installed in its own venv here: {install.stderr[-500:]}")
+    url = f"http://127.0.0.1:{env['LABEL_STUDIO_PORT']}"
+    server = Server("label-studio", ["bash", str(ROOT / "infra" / "label-studio.sh")], f"{url}/health", root, env,
+                    timeout=300)
+    yield url, env["LABEL_STUDIO_API_KEY"]
+    server.stop()
+
+
+@pytest.mark.slow
+def test_pairwise_labels_come_back_from_a_real_label_studio(label_studio, smoke_data, tmp_path, monkeypatch):
+    import threading
+
+    from alignflow.components import RANKERS
+    from alignflow.rankers import Verifier
+    from alignflow.stats import agreement
+    from tests.test_judges import candidates
+
+    url, key = label_studio
+    monkeypatch.setenv("LS_KEY_FOR_TEST", key)
+    prompts, cands, refs = candidates(smoke_data["prompts"], n=3)
+    ranker = RANKERS.validate({"type": "human", "poll_seconds": 0.5, "timeout_hours": 0.1,
+                               "label_studio": {"url": url, "api_key_env": "LS_KEY_FOR_TEST", "max_pairs": 3}})
+    scorer = ranker.open("cpu")
+    scorer.keep_files_in(tmp_path / "rank")
+    found: dict = {}
+    worker = threading.Thread(target=lambda: found.update(scores=scorer.score_groups(prompts, cands, refs)))
+    worker.start()
+    try:  # a person labels in the browser; here the same API the UI calls: the reference answer wins
+        from label_studio_sdk import LabelStudio
+
+        ls = LabelStudio(base_url=url, api_key=key)
+        deadline = time.monotonic() + 120
+        while not (projects := [p for p in ls.projects.list() if p.title.startswith("alignflow")]):
+            assert time.monotonic() < deadline and worker.is_alive(), "no project was created"
+            time.sleep(0.5)
+        tasks = list(ls.tasks.list(project=projects[0].id, fields="all"))
+        assert len(tasks) == 3 * 3
+        for task in tasks:
+            left_wins = task.data["left"] in refs or task.data["right"] not in refs and len(task.data["left"]) < \
+                len(task.data["right"])
+            ls.annotations.create(id=task.id, result=[{
+                "from_name": "choice", "to_name": "left", "type": "pairwise",
+                "value": {"selected": "left" if left_wins else "right"}}])
+        worker.join(timeout=120)
+        assert not worker.is_alive()
+    finally:
+        worker.join(timeout=5)
+    scores = found["scores"]
+    assert scorer.stats()["human.labelled_pairs"] == 9
+    stored = [json.loads(line) for f in (tmp_path / "rank").glob("human_labels-*.jsonl")
+              for line in f.read_text().splitlines()]
+    assert len(stored) == 9  # read back from Label Studio and kept, content-addressed
+    played = set()
+    for label in stored:  # the reference answer (c0) won every pair it was shown in
+        if "c0" in (label["chosen"], label["rejected"]):
+            assert label["chosen"] == "c0"
+            played.add(label["prompt_id"])
+    assert played
+    for k, group in enumerate(scores):
+        assert len(group) == 4 and (group[0] == 1.0 if f"p{k}" in played else True)
+    verifier = Verifier().score_groups(prompts, cands, refs)
+    assert agreement(scores, verifier)["agreement"] > 0

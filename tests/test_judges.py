@@ -200,3 +200,31 @@ def test_ensemble_with_a_served_judge_through_the_flow_keeps_its_key_secret(pref
     for file in tmp_path.rglob("*"):
         if file.is_file():
             assert secret.encode() not in file.read_bytes(), file
+
+
+@pytest.mark.slow
+def test_eval_prompts_without_references_are_judged_by_win_rate_against_sft(prefect_server, smoke_data, tmp_path):
+    import json
+
+    from alignflow.data import DataError
+    from flows.pipeline import align
+    from tasks.load_data import preflight
+
+    open_ended = tmp_path / "open.jsonl"  # the smoke eval prompts with their answers withheld
+    open_ended.write_text("".join(json.dumps({"instruction": r["prompt"][-1]["content"], "task": r["task"]}) + "\n"
+                                  for r in smoke_data["eval"]))
+    common = [f"output_dir={tmp_path / 'out'}", "experiment=open-ended", f"eval.data.path={open_ended}",
+              "rank.ranker=checker", "eval.pass_k=0"]
+    with pytest.raises(DataError, match="row 1: field 'output'"):  # the verifier would judge: references needed
+        preflight(load_config(SMOKE, common), "cpu")
+    results = align(load_config(SMOKE, common + ["eval.win_rate_by=ranker"]))
+    client = MlflowClient()
+    metrics = client.get_run(results["parent_run_id"]).data.metrics
+    assert "dpo.accuracy" not in metrics and "sft.flaw_wrong" not in metrics  # nothing to be exact against
+    low, rate, high = (metrics[f"dpo.win_rate_vs_sft{s}"] for s in ("_ci95_low", "", "_ci95_high"))
+    assert 0 <= low <= rate <= high <= 1 and 0 <= metrics["dpo.lc_win_rate_vs_sft"] <= 1
+    assert "dpo.mean_reward" in metrics and "delta_vs_sft" not in " ".join(metrics)
+    report = open(results["report"]).read()
+    row = next(line for line in report.splitlines() if line.startswith("| **dpo**"))
+    assert f"{rate:.3f} [{low:.3f}, {high:.3f}]" in row and "## Accuracy per task type" not in report
+    assert results["promotion"]["decision"] == "first champion"
