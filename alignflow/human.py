@@ -284,6 +284,8 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
         logger.info("%d prompts already labelled in %s", len(labelled), partial)
     flow_run_id = str(context.flow_run.id)
     publish_instructions(flow_run_id, jsonl, table, len(expected))
+    logger.info("waiting for labels of %d prompts: candidates in %s; send them with `alignflow label import %s "
+                "FILE` or the Resume form of this flow run in the Prefect UI", len(expected), table, flow_run_id)
     deadline = time.monotonic() + cfg.timeout_hours * 3600
     rejected, done = None, False
     Labels = labels_input()
