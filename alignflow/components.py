@@ -100,6 +100,7 @@ class Ranker(Component):
     """Scores candidate responses: higher is better. `open` loads what scoring needs."""
 
     needs_reference: ClassVar[bool] = False  # the prompts must carry a reference answer
+    pointwise: ClassVar[bool] = True  # its scorer scores one answer alone (False: only by comparing answers)
 
     def open(self, device: str, fetch=None) -> "Scorer":
         """The scorer; `fetch(name, revision)` makes a hub id a local directory (with retries)."""

@@ -263,6 +263,13 @@ class PipelineConfig(Section):
     eval: EvalSection
     registry: RegistrySection = RegistrySection()
 
+    @model_validator(mode="after")
+    def _evaluation_has_a_judge(self) -> PipelineConfig:
+        if self.eval.win_rate_by == "ranker" and self.rank.ranker.type == "human":
+            raise ValueError("eval.win_rate_by: ranker: the human ranker labels the sampled candidates, not the "
+                             "evaluation; judge it by the verifier or by a judge/reward model ranker")
+        return self
+
     def digest(self) -> str:
         """Content hash of the resolved config: the `config_hash` tag on every MLflow run."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -181,6 +181,7 @@ class Human(Ranker):
     """People rank each prompt's candidates; the flow pauses for their labels (module docstring)."""
 
     type: str = "human"
+    pointwise: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
     timeout_hours: float = Field(default=72.0, gt=0)  # then the stage fails, saying where everything is
     poll_seconds: float = Field(default=10.0, gt=0)  # how often the paused flow asks the API for labels
@@ -339,9 +340,13 @@ def set_status(flow_run_id: str, status: dict) -> None:
 
 
 def publish_instructions(flow_run_id: str, jsonl: Path, table: Path, prompts: int) -> None:
-    """A Prefect markdown artifact on the flow run: what to label and how to send it back."""
-    from prefect.artifacts import create_markdown_artifact
+    """Prefect artifacts on the flow run: what to label and how to send it back (markdown), and the
+    candidates themselves (a table, the CSV's rows)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    with open(table, newline="", encoding="utf-8") as f:
+        create_table_artifact(list(csv.DictReader(f)), key="labels-candidates",
+                              description="the candidates to rank (to_label.csv)")
     create_markdown_artifact(key="labels-wanted", description="candidates waiting for human ranking", markdown=(
         f"# {prompts} prompts to rank\n\nCandidates: `{jsonl}` (JSONL) and `{table}` (CSV: fill in the `rank` "
         "column, 1 = best, every candidate of a prompt once).\n\n"

@@ -33,7 +33,7 @@ import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -102,6 +102,7 @@ class Judge(Ranker):
     endpoint."""
 
     type: str = "judge"
+    pointwise: ClassVar[bool] = False
     model: str
     url: str | None = None  # an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     revision: str | None = None  # for a local judge given as a hub id

@@ -126,6 +126,7 @@ class Ensemble(Ranker):
     with the ensemble's order)."""
 
     type: str = "ensemble"
+    pointwise: ClassVar[bool] = False
     rankers: list[MemberField] = Field(min_length=2)
     weights: list[float] | None = None  # one per ranker, > 0; None: equal
     vote: Literal["majority", "mean"] = "majority"

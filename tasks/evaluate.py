@@ -1,11 +1,14 @@
 """Stage 6: every model on the same held-out prompts with the same decoding.
 
 Per model: greedy accuracy overall and per task type with a 95% bootstrap interval over prompts,
-mean reward (by the rank stage's ranker, named in the `eval.reward_by` param), response length, EOS
-rate, the share of answers with each flaw (wrong value, verbose, run-on: alignflow.stats.flaw_of)
-overall and per task type, pass@k (k sampled answers, any correct) overall and per task type, and
-against the SFT model the win rate (judged by `eval.win_rate_by`) and a paired bootstrap interval
-on the accuracy difference. The report's side-by-side prompts are drawn at random (seeded), plus
+mean reward (by the rank stage's ranker when it scores one answer alone, named in the `eval.reward_by`
+param), response length, EOS rate, the share of answers with each flaw (wrong value, verbose, run-on:
+alignflow.stats.flaw_of) overall and per task type, pass@k (k sampled answers, any correct) overall and
+per task type, and against the SFT model the win rate with its bootstrap interval and the
+length-controlled win rate (judged by `eval.win_rate_by`: the verifier, or the ranker, pointwise by
+scores or pairwise by a judge) and a paired bootstrap interval on the accuracy difference. Eval
+prompts without reference answers (allowed when a ranker that needs none judges) get the head-to-head
+only. The report's side-by-side prompts are drawn at random (seeded), plus
 one drawn among those where SFT and DPO answer differently. Metric names are stable
 (`<model>.accuracy`, `<model>.accuracy.<task>`, `<model>.flaw_verbose`, `<model>.pass_at_8`,
 `<model>.win_rate_vs_sft`, ...) and go on both the evaluate run and the parent
@@ -28,7 +31,8 @@ from alignflow.generation import answer
 from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import MODELS, Stage, register
-from alignflow.stats import answer_flaws, bootstrap_ci, by_task, correctness, flaw_shares, pass_at_k, versus
+from alignflow.stats import (answer_flaws, bootstrap_ci, by_task, correctness, flaw_shares, outcomes_from_scores,
+                             pass_at_k, versus)
 from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
 from tasks.transfer import local_model
@@ -67,9 +71,12 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
     with stage_run(ctx, "evaluate", params, cache_key) as run_id:
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
-        scorer, verifier = ranker.open(ctx.device, fetch=local_model), Verifier()
-        # who judges the head-to-head against SFT: the verifier, unless the config says the ranker
-        judge = scorer if isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker" else verifier
+        # the ranker gives each answer its mean reward (when it scores one answer alone) and, with
+        # eval.win_rate_by: ranker, judges the head-to-head against SFT; else the verifier judges it
+        by_ranker = isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker"
+        scorer = ranker.open(ctx.device, fetch=local_model) if ranker.pointwise or by_ranker else None
+        judge = scorer if by_ranker else Verifier()
+        judged: dict[str, list[float]] = {}  # a pointwise judge's scores, per model
         results: EvalResults = {"eval_run_id": run_id, "metrics": {}, "examples": []}
         samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": [], "flaw": []}
         correct: dict[str, np.ndarray] = {}
@@ -89,8 +96,11 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             given[name] = answers
             metrics = {"eos_rate": sum(a["ended"] for a in answers) / len(rows),
                        "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
-            if scorer.pointwise:  # a pairwise judge gives no reward to one answer alone: its win rates below
-                metrics["mean_reward"] = sum(scorer.score(prompts, texts, references)) / len(rows)
+            if scorer is not None and scorer.pointwise:  # a pairwise judge gives no reward to one answer alone
+                rewards = scorer.score(prompts, texts, references)
+                metrics["mean_reward"] = sum(rewards) / len(rows)
+            if judge.pointwise:
+                judged[name] = rewards if judge is scorer else judge.score(prompts, texts, references)
             flaws = [None] * len(rows)
             if refs:
                 correct[name], flaws = correctness(rows, answers), answer_flaws(rows, answers)
@@ -116,11 +126,13 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                 if name not in ("sft", "base"):
                     texts = [a["text"] for a in given[name]]
                     lengths = np.array([len(a.split()) - len(b.split()) for a, b in zip(texts, sft_texts)])
-                    outcomes = judge.compare(prompts, texts, sft_texts, references)
+                    outcomes = outcomes_from_scores(judged[name], judged["sft"]) if judge.pointwise else \
+                        judge.compare(prompts, texts, sft_texts, references)
                     results["metrics"][name] |= versus(correct.get(name), correct.get("sft"), outcomes,
                                                        cfg.bootstrap, ctx.seed, length_diff=lengths)
-        log_metrics(run_id, scorer.stats())
-        scorer.close()
+        if scorer is not None:
+            log_metrics(run_id, scorer.stats())
+            scorer.close()
         shown = report_prompts(rows, cfg.report_prompts, ctx.seed)
         results["examples"] = [_example(rows[i], given, i, "random") for i in shown]
         differ = differing_prompt(given, shown, ctx.seed) if cfg.report_prompts else None

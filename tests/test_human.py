@@ -109,6 +109,10 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
             status = read_status(run_id)
             expected = status["expected"]
             assert len(expected) == 24 and status["labelled"] == [] and Path(status["candidates_csv"]).is_file()
+            from prefect.artifacts import Artifact
+
+            assert "alignflow label import" in Artifact.get("labels-wanted").data
+            assert len(json.loads(Artifact.get("labels-candidates").data)) == 24 * 4
             table = list(csv.DictReader(open(status["candidates_csv"], encoding="utf-8")))
 
             # a bad file is refused by the CLI before anything is sent: the run keeps waiting
