@@ -37,7 +37,8 @@ def metric_keys(runs: list[Run]) -> list[str]:
 
     present = set().union(*(r.data.metrics for r in runs))
     keys = []
-    for model in model_order({k.split(".")[0] for k in present if k.endswith(".eos_rate") and k.count(".") == 1}):
+    models = {k.split(".")[0] for k in present if k.endswith((".accuracy", ".eos_rate")) and k.count(".") == 1}
+    for model in model_order(models):
         keys += [f"{model}.{m}" for m in HEADLINE if f"{model}.{m}" in present]
         keys += sorted(k for k in present if k.startswith(f"{model}.pass_at_") and k.count(".") == 1)
         keys += [f"{model}.{m}" for m in VERSUS if f"{model}.{m}" in present]

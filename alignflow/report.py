@@ -88,7 +88,8 @@ class RunRecords:
 
     def models(self) -> list[str]:
         """Evaluated models in stage order: base, sft, dpo rounds, dpo, baselines."""
-        return model_order({k.split(".")[0] for k in self.metrics if k.endswith(".eos_rate") and k.count(".") == 1})
+        return model_order({k.split(".")[0] for k in self.metrics
+                            if k.endswith((".accuracy", ".eos_rate")) and k.count(".") == 1})
 
     def tasks(self) -> list[str]:
         return sorted({k.split(".", 2)[2] for k in self.metrics if k.startswith("sft.accuracy.")})

@@ -3,6 +3,8 @@ prompt by the configured pair strategy (alignflow.pairs), drop ties."""
 
 from __future__ import annotations
 
+import hashlib
+
 import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
@@ -54,7 +56,9 @@ def rank(cfg: RankSection, candidates: DatasetRef, ctx: RunContext, name: str = 
         rows = read_jsonl(candidates.resolve())
         log_dataset(rows, source=candidates.uri, name="candidates", context="ranking")
         scorer = cfg.ranker.open(ctx.device, fetch=local_model)
-        scorer.keep_files_in(stage_dir(ctx, name, cache_key))
+        # what a scorer keeps across attempts (the human ranker's exports and partial labels) lives where a
+        # rerun on the same candidates finds it, even when the stage itself is never cached
+        scorer.keep_files_in(stage_dir(ctx, name, cache_key or hashlib.sha256(candidates.digest.encode()).hexdigest()))
         rewards = score_rows(scorer, rows)
         scorer.close()
         log_metrics(run_id, scorer.stats() | agreements(cfg, rows, rewards, ctx.device))

@@ -72,7 +72,8 @@ def _wait(what: str, check, proc: subprocess.Popen, log: Path, timeout: float = 
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
-def _paused_run(prefect_api: str):
+def _paused_run(experiment: str):
+    """The id of the paused flow run of this experiment (its config parameter names it), if any."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -80,7 +81,18 @@ def _paused_run(prefect_api: str):
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-    return str(runs[0].id) if runs else None
+    mine = [r for r in runs if isinstance(r.parameters.get("config"), dict)
+            and r.parameters["config"].get("experiment") == experiment]
+    return str(mine[0].id) if mine else None
+
+
+def _cancel(run_id: str) -> None:
+    """A run killed while paused stays Paused in Prefect: mark it cancelled."""
+    from prefect import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelled(), force=True)
 
 
 def _start(tmp_path: Path, prefect_api: str, name: str, ranker: str) -> tuple[subprocess.Popen, Path]:
@@ -105,7 +117,7 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
     proc, log = _start(tmp_path, prefect_api, "human", "{type: human, poll_seconds: 1}")
     try:
         with temporary_settings({PREFECT_API_URL: prefect_api}):
-            run_id = _wait("the run to pause for labels", lambda: _paused_run(prefect_api), proc, log)
+            run_id = _wait("the run to pause for labels", lambda: _paused_run("human"), proc, log)
             status = read_status(run_id)
             expected = status["expected"]
             assert len(expected) == 24 and status["labelled"] == [] and Path(status["candidates_csv"]).is_file()
@@ -122,12 +134,12 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
                 writer.writeheader()
                 writer.writerows([{**r, "rank": "1"} for r in table if r["prompt_id"] == "p0"])  # all rank 1
             assert main(["label", "import", run_id, str(bad)]) == 2
-            assert _paused_run(prefect_api) == run_id
+            assert _paused_run("human") == run_id
 
             # a bad batch through Prefect's API: the flow rejects it, names it, and pauses again
             resume_flow_run(run_id, run_input={"labels": [{"prompt_id": "p0", "ranks": {"c9": 1}}]})
             rejected = _wait("the batch to be rejected", lambda: (read_status(run_id).get("rejected") or "")
-                             if _paused_run(prefect_api) == run_id else "", proc, log)
+                             if _paused_run("human") == run_id else "", proc, log)
             assert "unknown candidate id 'c9'" in rejected
 
             # half the prompts through the API (the last candidate best), the rest as the exported CSV filled in
@@ -136,7 +148,7 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
             first = [{"prompt_id": p, "ranks": ranks(c)} for p, c in list(expected.items())[:12]]
             resume_flow_run(run_id, run_input={"labels": first})
             _wait("the first batch", lambda: len(read_status(run_id)["labelled"]) == 12
-                  and _paused_run(prefect_api) == run_id, proc, log)
+                  and _paused_run("human") == run_id, proc, log)
             filled = tmp_path / "labels.csv"
             with open(filled, "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -170,20 +182,45 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
 
 
 @pytest.mark.slow
-def test_no_labels_in_time_fails_the_run_saying_where_everything_is(prefect_api, tmp_path):
-    proc, log = _start(tmp_path, prefect_api, "human-timeout", "{type: human, poll_seconds: 1, timeout_hours: 0.003}")
+def test_no_labels_in_time_fails_saying_where_everything_is_and_a_rerun_keeps_what_was_labelled(prefect_api,
+                                                                                                 tmp_path):
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from alignflow.human import read_status
+
+    ranker = "{type: human, poll_seconds: 1, timeout_hours: 0.02}"  # 72 s
+    proc, log = _start(tmp_path, prefect_api, "human-timeout", ranker)
     try:
-        rc = proc.wait(timeout=600)
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            run_id = _wait("the run to pause for labels", lambda: _paused_run("human-timeout"), proc, log)
+            expected = read_status(run_id)["expected"]
+            resume_flow_run(run_id, run_input={"labels": [{"prompt_id": p, "ranks": {c: k + 1 for k, c in
+                                                                                      enumerate(cands)}}
+                                                          for p, cands in list(expected.items())[:5]]})
+            _wait("the first labels", lambda: len(read_status(run_id)["labelled"]) == 5, proc, log)
+        rc = proc.wait(timeout=600)  # then nobody labels the rest in time
     finally:
         stop_tree(proc)
     text = log.read_text()
     assert rc != 0
-    assert "no labels for 24 of 24 prompts" in text and "to_label.jsonl" in text and "labels.partial.jsonl" in text
+    assert "no labels for 19 of 24 prompts" in text and "to_label.csv" in text and "labels.partial.jsonl" in text
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("human-timeout").experiment_id])
-    assert runs and all(r.info.status == "FAILED" for r in runs if r.info.run_name in ("rank", "dpo") or
-                        "mlflow.parentRunId" not in r.data.tags)
+    assert {r.info.run_name: r.info.status for r in runs}["rank"] == "FAILED"
     assert not any(r.info.status == "RUNNING" for r in runs)
+
+    # the same config again: the same candidates, and the five labels already given are still there
+    proc, log = _start(tmp_path, prefect_api, "human-timeout", ranker)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            run_id = _wait("the rerun to pause for labels", lambda: _paused_run("human-timeout"), proc, log)
+            assert len(read_status(run_id)["labelled"]) == 5
+    finally:
+        stop_tree(proc)
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            if (left := _paused_run("human-timeout")) is not None:
+                _cancel(left)
 
 
 @pytest.fixture(scope="session")
