@@ -118,9 +118,17 @@ class Judge(Ranker):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _explain_needs_room(self) -> Judge:
+    def _usable(self) -> Judge:
+        from alignflow import gguf
+
         if self.explain and self.url is None:
             raise ValueError("explain: the local judge reads its verdict from probabilities, not text")
+        if self.explain and self.max_tokens < 128:
+            raise ValueError(f"explain: the explanation comes before the verdict: max_tokens {self.max_tokens} "
+                             "leaves it no room (e.g. max_tokens: 512)")
+        if self.url is None and self.model.startswith("embedded:") and gguf.packaged_source(self.model) is None:
+            raise ValueError(f"model {self.model!r}: a local judge is a model directory, a .gguf file, a hub id or "
+                             f"a packaged model ({', '.join('embedded:' + p for p in gguf.PACKAGED)})")
         return self
 
     def cache_pins(self) -> dict:

@@ -228,3 +228,30 @@ def test_eval_prompts_without_references_are_judged_by_win_rate_against_sft(pref
     row = next(line for line in report.splitlines() if line.startswith("| **dpo**"))
     assert f"{rate:.3f} [{low:.3f}, {high:.3f}]" in row and "## Accuracy per task type" not in report
     assert results["promotion"]["decision"] == "first champion"
+
+
+def test_a_judge_config_that_cannot_work_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="local judge is a model directory"):
+        load_config(SMOKE, ["rank.ranker={type: judge, model: 'embedded:tiny-s'}"])
+    with pytest.raises(ConfigError, match="max_tokens 16 leaves it no room"):
+        load_config(SMOKE, ["rank.ranker={type: judge, model: m, url: 'http://127.0.0.1:1/v1', explain: true}"])
+    with pytest.raises(ConfigError, match="reads its verdict from probabilities"):
+        load_config(SMOKE, ["rank.ranker={type: judge, model: m, explain: true, max_tokens: 512}"])
+    assert load_config(SMOKE, ["rank.ranker={type: judge, model: 'embedded:smollm2-135m'}"]).rank.ranker.type == "judge"
+    with pytest.raises(ConfigError, match="human ranker labels the sampled candidates"):
+        load_config(SMOKE, ["rank.ranker=human", "eval.win_rate_by=ranker"])
+
+
+@pytest.mark.slow
+def test_a_served_judge_s_key_comes_from_the_environment_or_a_prefect_secret_block(prefect_server, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from alignflow.judges import api_key
+
+    Secret(value="sk-from-block").save("judge-key-test", overwrite=True)
+    monkeypatch.setenv("JUDGE_KEY_TEST", "sk-from-env")
+    served = {"type": "judge", "model": "m", "url": "http://127.0.0.1:1/v1"}
+    assert api_key(RANKERS.validate({**served, "api_key_env": "JUDGE_KEY_TEST"})) == "sk-from-env"
+    assert api_key(RANKERS.validate({**served, "api_key_block": "judge-key-test"})) == "sk-from-block"
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert api_key(RANKERS.validate(served)) == "EMPTY"  # a server without auth takes any string
