@@ -14,7 +14,8 @@ and everything that needs to know which stages exist reads this registry: the fl
 inputs, read from an earlier run's records), the Prefect deployments, `compare` and the report.
 
 An input names an upstream stage's output: `sft` (its reference), `load_data.eval` (one key of a
-stage's dict output), or `models`: every model the evaluation compares, by the label each stage
+stage's dict output), `rank|load_data.preference` (the first of these that exists: ranked pairs, or
+else the user's own), or `models`: every model the evaluation compares, by the label each stage
 declares in `evaluated_as` (base for select_base, sft, dpo, and each baseline).
 
 Stages are found by importing every module of the packages in STAGE_PACKAGES, and of any module
@@ -61,7 +62,7 @@ class Stage:
             if source == MODELS:
                 names |= {s.name for s in registry.values() if s.evaluated_as}
             else:
-                names.add(source.partition(".")[0])
+                names |= {alternative.partition(".")[0] for alternative in source.split("|")}
         return names - {self.name}
 
     def arguments(self, config, outputs: Mapping[str, Any], **given) -> dict[str, Any]:
@@ -87,6 +88,14 @@ def config_value(config, path: str):
 
 
 def output_value(outputs: Mapping[str, Any], source: str):
+    """The output `source` names; of `a|b`, the first that exists."""
+    if "|" in source:
+        for alternative in source.split("|"):
+            try:
+                return output_value(outputs, alternative)
+            except LookupError:
+                continue
+        raise LookupError(f"none of the outputs {source.split('|')} upstream")
     if source in outputs:
         return outputs[source]
     stage, _, key = source.partition(".")

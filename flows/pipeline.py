@@ -67,7 +67,8 @@ def preference_rounds(config: PipelineConfig, variant: str, outputs: dict, ctx: 
     """`dpo.rounds` rounds of sample -> rank -> train from the latest policy (round 1 trains on the
     SFT model's pairs, shared by every variant). Returns {label: model}: the final policy under the
     variant's name, earlier rounds as `<variant>_r<i>`."""
-    rounds, policy, pairs, models = config.dpo.rounds, outputs["sft"], outputs["rank"], {}
+    rounds, policy, models = config.dpo.rounds, outputs["sft"], {}
+    pairs = stages.output_value(outputs, stages.get(variant).inputs["pairs"])
     for r in range(1, rounds + 1):
         if r > 1:
             candidates = run_stage("sample", config, ctx, outputs, policy=policy, seed_offset=r - 1,
@@ -110,11 +111,9 @@ def align(config: PipelineConfig | str = "configs/default.yaml", overrides: list
         out["load_data"] = run_stage("load_data", config, ctx, out)  # always runs: reads and checks the inputs
         out["select_base"] = run_stage("select_base", config, ctx, out)
         out["sft"] = run_stage("sft", config, ctx, out)
-        if config.dpo.on_policy():
+        if config.dpo.on_policy():  # with dpo.data alone, DPO trains on the user's pairs: nothing sampled or ranked
             out["sample"] = run_stage("sample", config, ctx, out)
             out["rank"] = run_stage("rank", config, ctx, out)
-        else:  # dpo.data alone: DPO trains on the user's pairs, nothing is sampled or ranked
-            out["rank"] = out["load_data"]["preference"]
         out[stages.MODELS] = {"base": out["select_base"], "sft": out["sft"]}
         for variant in ["dpo", *config.dpo.baselines]:
             trained = preference_rounds(config, variant, out, ctx)

@@ -73,7 +73,8 @@ def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
                                   merge_adapter=True)
 
 
-PREFERENCE_INPUTS = {"policy": "sft", "pairs": "rank"}
+# the pairs: ranked from the SFT model's samples, or else (dpo.data alone) the user's own preference data
+PREFERENCE_INPUTS = {"policy": "sft", "pairs": "rank|load_data.preference"}
 register(Stage(name="dpo", task=dpo, config={"cfg": "dpo"}, inputs=PREFERENCE_INPUTS, evaluated_as="dpo",
                trains=True, check=check("dpo"), describe="preference tuning (TRL DPOTrainer)"))
 register(Stage(name="dpo_no_sft", task=dpo, config={"cfg": "dpo"}, inputs=PREFERENCE_INPUTS,

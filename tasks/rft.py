@@ -18,6 +18,7 @@ from alignflow.stages import Stage, register
 from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_params, stage_run
 from alignflow.training import active_paths, lora_targets, rft_trainer
 from tasks import CheckpointMarker, preference_inputs, save_trained_model, stage_logger, train_resumable
+from tasks.dpo import PREFERENCE_INPUTS
 
 
 def sft_fields(args: dict) -> dict:
@@ -59,7 +60,7 @@ def rft(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
                                   merge_adapter=True)
 
 
-register(Stage(name="rft", task=rft, config={"cfg": "dpo"}, inputs={"policy": "sft", "pairs": "rank"},
+register(Stage(name="rft", task=rft, config={"cfg": "dpo"}, inputs=PREFERENCE_INPUTS,
                evaluated_as="rft", trains=True, baseline_of="dpo",
                enabled=lambda config: "rft" in config.dpo.baselines, check=check,
                describe="baseline: SFT on the chosen answers only (rejection-sampling fine-tuning)"))

@@ -116,9 +116,12 @@ def test_offline_dpo_on_your_own_pairs_then_mixed_with_on_policy_pairs(prefect_s
     from flows.pipeline import align
 
     data = own_pairs(smoke_data["prompts"], tmp_path / "mine.jsonl")
+    from flows.stage import align_stage
+
     common = [f"output_dir={tmp_path / 'out'}", "experiment=own-pairs", f"dpo.data.path={data}", "eval.pass_k=0",
-              "registry.enabled=false"]
-    runs = stage_runs(align(load_config(SMOKE, common)))
+              "registry.enabled=false", "dpo.baselines=[rft]"]
+    offline = align(load_config(SMOKE, common))
+    runs = stage_runs(offline)
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert "sample" not in runs and "rank" not in runs  # nothing sampled or ranked
     assert runs["load_data"].data.metrics["preference.rows"] == len(smoke_data["prompts"])
@@ -127,7 +130,10 @@ def test_offline_dpo_on_your_own_pairs_then_mixed_with_on_policy_pairs(prefect_s
     history = [m.value for m in client.get_metric_history(dpo.info.run_id, "rewards/margins")]
     assert history and history[-1] > 0  # it learned to prefer the user's chosen answers
     inputs = {d.dataset.name: d.dataset for d in dpo.inputs.dataset_inputs}
-    assert "pairs" in inputs
+    assert "pairs" in inputs and runs["rft"].info.status == "FINISHED"  # the baseline trained on them too
+    # one stage rerun by hand on that run's outputs: the pairs are found where the run kept them
+    rerun = align_stage("dpo", offline["parent_run_id"], overrides=["dpo.trainer.beta=0.3"])
+    assert rerun["output"]["uri"].startswith("runs:/")
 
     runs = stage_runs(align(load_config(SMOKE, common + ["dpo.mix=true"])))
     rank = runs["rank"].data.metrics
