@@ -323,20 +323,19 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
 
 
 def set_status(flow_run_id: str, status: dict) -> None:
-    """What the paused stage waits for, as the flow run input STATUS_KEY (read by `alignflow label`)."""
+    """What the paused stage waits for, as a flow run input (read by `alignflow label`). Prefect's flow
+    run inputs cannot be updated in place, so each status is a new key `<STATUS_KEY>-<n>`, written
+    before the earlier ones are deleted: a reader always finds one (read_status takes the latest)."""
     from uuid import UUID
 
-    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-    from prefect.input import create_flow_run_input, delete_flow_run_input
+    from prefect.input import create_flow_run_input, delete_flow_run_input, filter_flow_run_input
 
-    try:
-        delete_flow_run_input(STATUS_KEY, flow_run_id=UUID(flow_run_id))
-    except ObjectNotFound:  # the first time
-        pass
-    except PrefectHTTPStatusError as err:  # the first time, as Prefect 3.9's client reports it
-        if err.response.status_code != 404:
-            raise
-    create_flow_run_input(STATUS_KEY, status, flow_run_id=UUID(flow_run_id))
+    run = UUID(flow_run_id)
+    earlier = filter_flow_run_input(f"{STATUS_KEY}-", limit=1000, flow_run_id=run)
+    number = max((int(item.key.rsplit("-", 1)[1]) for item in earlier), default=0) + 1
+    create_flow_run_input(f"{STATUS_KEY}-{number:06d}", status, flow_run_id=run)
+    for item in earlier:
+        delete_flow_run_input(item.key, flow_run_id=run)
 
 
 def publish_instructions(flow_run_id: str, jsonl: Path, table: Path, prompts: int) -> None:
@@ -359,15 +358,16 @@ def publish_instructions(flow_run_id: str, jsonl: Path, table: Path, prompts: in
 def read_status(flow_run_id: str) -> dict:
     from uuid import UUID
 
-    from prefect.input import read_flow_run_input
+    from prefect.input import filter_flow_run_input
 
     try:
-        status = read_flow_run_input(STATUS_KEY, flow_run_id=UUID(flow_run_id))
+        run = UUID(flow_run_id)
     except ValueError:
         raise LookupError(f"{flow_run_id!r} is not a Prefect flow run id") from None
-    if not status:
+    found = filter_flow_run_input(f"{STATUS_KEY}-", limit=1000, flow_run_id=run)
+    if not found:
         raise LookupError(f"flow run {flow_run_id} is not waiting for labels (no {STATUS_KEY} input)")
-    return status
+    return max(found, key=lambda item: item.key).decoded_value
 
 
 def send_labels(flow_run_id: str, path: str, done: bool = False) -> int:
