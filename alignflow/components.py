@@ -163,4 +163,4 @@ class Engine(Component):
 
 RANKERS = Registry("ranker", ("alignflow.rankers", "alignflow.judges", "alignflow.human"))
 PAIRS = Registry("pair strategy", ("alignflow.pairs",))
-ENGINES = Registry("generation engine", ("alignflow.generation",))
+ENGINES = Registry("generation engine", ("alignflow.generation", "alignflow.openai_engine"))
