@@ -131,8 +131,9 @@ class Scorer:
     def compare(self, prompts: list[list[dict]], first: list[str], second: list[str],
                 references: list[str | None]) -> list[float]:
         """Per prompt, 1.0 when `first` is the better answer, 0.0 when `second` is, 0.5 for a tie."""
-        a, b = self.score(prompts, first, references), self.score(prompts, second, references)
-        return [0.5 if x == y else float(x > y) for x, y in zip(a, b)]
+        from alignflow.stats import outcomes_from_scores
+
+        return outcomes_from_scores(self.score(prompts, first, references), self.score(prompts, second, references))
 
     def keep_files_in(self, folder) -> None:
         """Where the scorer may keep files that must outlive the process (the rank stage's directory):

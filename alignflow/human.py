@@ -170,7 +170,7 @@ def scores_from_ranks(ranks: dict[str, int], candidate_ids: list[str]) -> list[f
     return [(n - ranks[c]) / (n - 1) if n > 1 else 0.5 for c in candidate_ids]
 
 
-def write_json_atomically(data, path: Path) -> None:
+def write_text_atomically(data, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
@@ -313,7 +313,7 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
             continue
         rejected, done = None, batch.done
         labelled |= new
-        write_json_atomically("".join(json.dumps({"prompt_id": p, "ranks": r}) + "\n"
+        write_text_atomically("".join(json.dumps({"prompt_id": p, "ranks": r}) + "\n"
                                       for p, r in labelled.items()), partial)
         logger.info("%d labels received (%d of %d prompts labelled)%s", len(new), len(labelled), len(expected),
                     "; done" if done else "")

@@ -64,6 +64,15 @@ def judge_messages(prompt: list[dict], a: str, b: str, explain: bool) -> list[di
             {"role": "user", "content": USER.format(question=question, a=a, b=b)}]
 
 
+def candidate_pairs(texts: list[str], max_pairs: int | None, rng: random.Random) -> list[tuple[int, int]]:
+    """(i, j), i < j, for every pair of distinct candidates of one prompt, or `max_pairs` of them drawn
+    with `rng` (the judge's tournament cap; Label Studio's tasks per prompt)."""
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(texts)), 2) if texts[i] != texts[j]]
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = sorted(rng.sample(pairs, max_pairs))
+    return pairs
+
+
 def win_rates(candidates: list[list[str]], games: list[tuple[int, int, int]], outcomes: list[float]
               ) -> list[list[float]]:
     """Per prompt, each candidate's share of its pairwise games won (a tie counts half); `games` are
@@ -184,10 +193,7 @@ class PairwiseJudge(Scorer):
         rng = random.Random(0)
         items, where = [], []
         for k, (prompt, cands) in enumerate(zip(prompts, candidates)):
-            pairs = [(i, j) for i, j in itertools.combinations(range(len(cands)), 2) if cands[i] != cands[j]]
-            if self.cfg.max_pairs is not None and len(pairs) > self.cfg.max_pairs:
-                pairs = sorted(rng.sample(pairs, self.cfg.max_pairs))
-            for i, j in pairs:
+            for i, j in candidate_pairs(cands, self.cfg.max_pairs, rng):
                 items.append((prompt, cands[i], cands[j]))
                 where.append((k, i, j))
         return win_rates(candidates, where, self._judge(items))
@@ -259,10 +265,8 @@ class HttpVerdicts:
     rule. Requests go `concurrency` at a time; the openai client retries each with backoff, then fails."""
 
     def __init__(self, cfg: Judge):
-        from openai import OpenAI
-
         self.cfg = cfg
-        self.client = OpenAI(base_url=cfg.url, api_key=api_key(cfg), timeout=cfg.timeout, max_retries=cfg.max_retries)
+        self.client = openai_client(cfg)
 
     def _one(self, chat: list[dict]) -> str | None:
         reply = self.client.chat.completions.create(model=self.cfg.model, messages=chat, temperature=0.0,
@@ -279,7 +283,15 @@ class HttpVerdicts:
         self.client.close()
 
 
-def api_key(cfg: Judge) -> str:
+def openai_client(cfg):
+    """The `openai` client of a served component (the judge, the openai engine: `url`, the key's
+    source, `timeout`, `max_retries`)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=cfg.url, api_key=api_key(cfg), timeout=cfg.timeout, max_retries=cfg.max_retries)
+
+
+def api_key(cfg) -> str:
     """The endpoint's key: a Prefect Secret block when one is named, else the environment variable; a
     server without auth (vLLM's default) takes any string."""
     if cfg.api_key_block:

@@ -14,7 +14,6 @@ The API key comes from an environment variable (default LABEL_STUDIO_API_KEY) an
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import time
@@ -48,13 +47,12 @@ def client(cfg: LabelStudioSection):
 
 def pair_tasks(rows: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
     """One task per pair of a prompt's distinct candidates (rows: the human ranker's export rows)."""
+    from alignflow.judges import candidate_pairs
+
     rng, tasks = random.Random(seed), []
     for k, row in enumerate(rows):
         texts = [c["text"] for c in row["candidates"]]
-        pairs = [(i, j) for i, j in itertools.combinations(range(len(texts)), 2) if texts[i] != texts[j]]
-        if max_pairs is not None and len(pairs) > max_pairs:
-            pairs = sorted(rng.sample(pairs, max_pairs))
-        for i, j in pairs:
+        for i, j in candidate_pairs(texts, max_pairs, rng):
             left, right = (i, j) if rng.random() < 0.5 else (j, i)
             tasks.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"], "left_id": f"c{left}",
                           "right_id": f"c{right}", "left": texts[left], "right": texts[right], "k": k})

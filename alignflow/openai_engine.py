@@ -44,13 +44,10 @@ class OpenAIEngine(Engine):
 
 class OpenAIGenerator:
     def __init__(self, cfg: OpenAIEngine):
-        from openai import OpenAI
-
-        from alignflow.judges import api_key
+        from alignflow.judges import openai_client
 
         self.cfg = cfg
-        self.client = OpenAI(base_url=cfg.url, api_key=api_key(cfg), timeout=cfg.timeout,
-                             max_retries=cfg.max_retries)
+        self.client = openai_client(cfg)
 
     def _answers(self, job: tuple[list[dict], int, dict, int]) -> list[dict]:
         prompt, n, sampling, seed = job

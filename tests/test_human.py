@@ -236,7 +236,8 @@ def label_studio(tmp_path_factory):
     install = subprocess.run(["bash", str(ROOT / "infra" / "label-studio.sh"), "--install-only"], cwd=ROOT,
                              env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     if install.returncode != 0:
-        pytest.skip(f"Label Studio could not be installed in its own venv here: {install.stderr[-500:]}")
+        pytest.skip(reason="Label Studio (label-studio 1.23.2 from PyPI, in a venv of its own) could not be installed "
+                           f"on this machine, so no server to test against: {install.stderr[-500:]}")
     url = f"http://127.0.0.1:{env['LABEL_STUDIO_PORT']}"
     server = Server("label-studio", ["bash", str(ROOT / "infra" / "label-studio.sh")], f"{url}/health", root, env,
                     timeout=300)
