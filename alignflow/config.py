@@ -131,10 +131,54 @@ class BaseSection(Section):
     revision: str | None = None
 
 
+class LaunchSection(Section):
+    """How a training stage's trainer runs (alignflow.launch): in the stage's own process (the default), or
+    under `accelerate launch` as `num_processes` processes in all, over `num_machines` machines, with an
+    accelerate config file (infra/accelerate/: DDP, FSDP2, DeepSpeed ZeRO-2/3, multi-node) saying how.
+    `mixed_precision` is passed to accelerate and sets the trainer's bf16/fp16 unless `trainer:` does."""
+
+    num_processes: int | None = Field(default=None, ge=1)  # None: 1, or what `config_file` says
+    num_machines: int = Field(default=1, ge=1)
+    machine_rank: int = Field(default=0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int | None = Field(default=None, ge=0, le=65535)
+    config_file: str | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> LaunchSection:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.num_machines > 1 and not (self.main_process_ip or self.config_file):
+            raise ValueError("num_machines > 1 needs main_process_ip (the rank-0 machine's address) or a config_file")
+        if self.config_file is not None:
+            from accelerate.commands.config.config_args import load_config_from_file
+
+            if not Path(self.config_file).is_file():
+                raise ValueError(f"config_file {self.config_file}: no such file")
+            try:
+                load_config_from_file(self.config_file)
+            except (ValueError, TypeError, yaml.YAMLError) as err:
+                raise ValueError(f"config_file {self.config_file}: accelerate cannot read it: {err}") from None
+        return self
+
+    def launched(self) -> bool:
+        return self.config_file is not None or (self.num_processes or 1) > 1 or self.num_machines > 1
+
+    def distributed_type(self) -> str:
+        """What the config file asks for (accelerate's DistributedType value); DDP when launched without one."""
+        if self.config_file is None:
+            return "MULTI_GPU" if self.launched() else "NO"
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        return str(load_config_from_file(self.config_file).distributed_type.value)
+
+
 class TrainerSection(Section):
     trl_config: ClassVar[str]  # the TRL dataclass that `trainer` feeds
     trainer: dict[str, Any] = {}
     lora: LoraSection = LoraSection()
+    launch: LaunchSection = LaunchSection()
     # a resumable checkpoint every N optimizer steps (0: none); a rerun of a stage that died resumes
     # from the last complete one. `trainer.save_strategy`/`save_steps` override it.
     checkpoint_steps: int = Field(default=200, ge=0)

@@ -72,9 +72,11 @@ def cuda_trainer_defaults(trl_config: str, user: dict[str, Any], attn: str, bf16
 
 
 def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path, checkpoint_steps: int = 0,
-                 trl_config: str = "SFTConfig", attn: str = "sdpa") -> dict[str, Any]:
+                 trl_config: str = "SFTConfig", attn: str = "sdpa", mixed_precision: str | None = None
+                 ) -> dict[str, Any]:
     """TRL config kwargs: alignflow's per-device defaults, then the user's `trainer:` keys on top.
-    `checkpoint_steps` > 0 saves a resumable checkpoint every that many optimizer steps (the last two kept)."""
+    `checkpoint_steps` > 0 saves a resumable checkpoint every that many optimizer steps (the last two kept);
+    `mixed_precision` (a launch's: no | fp16 | bf16) sets bf16/fp16 unless `trainer:` does."""
     defaults: dict[str, Any] = {
         "output_dir": str(output_dir),
         "seed": seed,
@@ -89,6 +91,8 @@ def trainer_args(user: dict[str, Any], device: str, seed: int, output_dir: Path,
         defaults |= CPU_TRAINER_DEFAULTS
     else:
         defaults |= cuda_trainer_defaults(trl_config, user, attn)
+    if mixed_precision:
+        defaults |= {"bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16"}
     return defaults | user
 
 

@@ -172,7 +172,8 @@ def run_sft(model_dir: Path, rows, device: str, steps: int, warmup: int, alignfl
     tokens = timer.tokens_between()
     result = {"steps_timed": timer.steps(), "seconds": round(timer.seconds(), 3),
               "tokens_per_s": round(tokens / timer.seconds(), 1) if tokens else None,
-              "peak_memory_gb": peak_memory_gb(device), "active": paths}
+              "peak_memory_gb": peak_memory_gb(device), "active": paths, "world_size": trainer.args.world_size,
+              "distributed_type": trainer.accelerator.distributed_type.value}
     del trainer
     return result
 
@@ -235,6 +236,37 @@ def run_sampling(model_dir: Path, prompts, device: str, new_tokens: int, alignfl
             "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
+def run_launched_sft(model_dir: Path, rows, device: str, steps: int, warmup: int, out: Path) -> dict:
+    """The SFT path under `accelerate launch --multi_gpu`, one process per card (2 CPU ranks over gloo in the
+    dry run, as alignflow.launch launches them): world size and distributed type as the trainer saw them,
+    and tokens/s over all ranks (TRL's num_tokens is gathered across processes)."""
+    import subprocess
+
+    n = torch.cuda.device_count() if device == "cuda" else 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows))
+    env = {**os.environ}
+    if device == "cpu":
+        env |= {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--main_process_port", "0", "--dynamo_backend", "no", str(Path(__file__)),
+           "--launch-worker", str(model_dir), str(out), "--out", str(out / "result.json"), "--steps", str(steps),
+           "--warmup", str(warmup)] + (["--dry-run"] if device == "cpu" else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return {"processes": n, "error": (done.stdout + done.stderr)[-2000:]}
+    return {"processes": n, **json.loads((out / "result.json").read_text())}
+
+
+def launch_worker(model_dir: str, out: Path, result_file: str, steps: int, warmup: int, device: str) -> None:
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rows = json.loads((out / "rows.json").read_text())
+    result = run_sft(Path(model_dir), rows, device, steps, warmup, True, out / f"rank-{os.environ.get('RANK')}")
+    if os.environ.get("RANK") == "0":
+        Path(result_file).write_text(json.dumps(result))
+
+
 def environment(device: str) -> dict:
     import importlib.util
 
@@ -265,8 +297,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--archs", default="llama,qwen2")
+    parser.add_argument("--launch-worker", nargs=2, metavar=("MODEL_DIR", "WORK_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     device = "cpu" if opts.dry_run else "cuda"
+    if opts.launch_worker:  # one rank of run_launched_sft
+        return launch_worker(opts.launch_worker[0], Path(opts.launch_worker[1]), opts.out, opts.steps, opts.warmup,
+                             device)
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --dry-run to check the script on CPU")
     steps, warmup = (12, 2) if device == "cuda" else (3, 1)
@@ -292,6 +330,12 @@ def main() -> None:
                 entry[f"sample.{path_name}"] = run_sampling(model_dir, prompts, device, new_tokens, ours)
                 entry[f"dpo.{path_name}"] = run_dpo(model_dir, pairs, device, steps, warmup, ours,
                                                     root / f"{arch}-dpo-{path_name}")
+            if arch == opts.archs.split(",")[0] and (device == "cpu" or torch.cuda.device_count() > 1):
+                launched = run_launched_sft(model_dir, rows, device, steps, warmup, root / f"{arch}-sft-launched")
+                one = entry["sft.alignflow"]["tokens_per_s"]
+                launched["scaling_vs_one_process"] = (round(launched["tokens_per_s"] / one, 3)
+                                                      if launched.get("tokens_per_s") and one else None)
+                entry["sft.launched"] = launched
             for stage, unit in (("sft", "tokens_per_s"), ("sample", "tokens_per_s"), ("dpo", "pairs_per_s")):
                 ours, theirs = entry[f"{stage}.alignflow"][unit], entry[f"{stage}.trl_defaults"][unit]
                 entry[f"{stage}.ratio"] = round(ours / theirs, 3) if ours and theirs else None
@@ -315,6 +359,11 @@ def print_arch(arch: str, entry: dict) -> None:
             print(f"  {stage:6s} {path_name:12s} {unit} {e[unit]}{extra}  peak {e['peak_memory_gb']} GB  "
                   f"{json.dumps(e.get('active', e.get('attn_implementation')))}")
         print(f"  {stage:6s} ratio alignflow / TRL defaults: {entry[f'{stage}.ratio']}")
+    if "sft.launched" in entry:
+        e = entry["sft.launched"]
+        print(f"  sft    launched on {e['processes']} processes: world size {e.get('world_size')}, "
+              f"{e.get('distributed_type')}, tokens_per_s {e.get('tokens_per_s')}, "
+              f"x{e.get('scaling_vs_one_process')} of one process" + (f"\n{e['error']}" if "error" in e else ""))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def timed(fn) -> float:
 def sft_variants(s: Setup) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from tasks import CheckpointMarker
+    from alignflow.launch import CheckpointMarker
 
     cfg = s.config.sft
     batch, lr = cfg.trainer["per_device_train_batch_size"], cfg.trainer["learning_rate"]
@@ -162,7 +162,7 @@ def sft_variants(s: Setup) -> dict:
 def dpo_variants(s: Setup) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    from tasks import CheckpointMarker
+    from alignflow.launch import CheckpointMarker
 
     cfg = s.config.dpo
     batch, lr = cfg.trainer["per_device_train_batch_size"], cfg.trainer["learning_rate"]

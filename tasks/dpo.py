@@ -16,12 +16,13 @@ from prefect.cache_policies import NONE
 
 from alignflow.caching import stage_dir
 from alignflow.config import DPOSection
-from alignflow.modeling import (attn_implementation, build_trl_config, load_causal_lm, lora_config, trainer_args)
+from alignflow.launch import TrainJob, check_launch
+from alignflow.modeling import attn_implementation, build_trl_config, trainer_args
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import Stage, register
-from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_params, stage_run
-from alignflow.training import active_paths, dpo_trainer, lora_targets, needs_ref_copy
-from tasks import CheckpointMarker, preference_inputs, save_trained_model, stage_logger, train_resumable
+from alignflow.tracking import RunContext, flatten, stage_run
+from alignflow.training import needs_ref_copy
+from tasks import preference_inputs, train_and_save
 
 
 def without_sft_term(args: dict) -> dict:
@@ -38,13 +39,15 @@ def without_sft_term(args: dict) -> dict:
 
 def dpo_args(cfg: DPOSection, device: str, seed: int, out_dir, variant: str = "dpo") -> dict:
     attn = attn_implementation(cfg.attn_implementation, device)
-    args = trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "DPOConfig", attn)
+    args = trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "DPOConfig", attn,
+                        cfg.launch.mixed_precision)
     return without_sft_term(args) if variant == "dpo_no_sft" else args
 
 
 def check(variant: str):
     def build(config, device: str, out_dir) -> None:
         build_trl_config(variant, "DPOConfig", dpo_args(config.dpo, device, config.seed, out_dir, variant))
+        check_launch("dpo", config.dpo.launch, device)
     return build
 
 
@@ -54,23 +57,16 @@ def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
     out_dir = stage_dir(ctx, name, cache_key)
     attn = attn_implementation(cfg.attn_implementation, ctx.device)
     args = dpo_args(cfg, ctx.device, ctx.seed, out_dir / "trainer", variant)
-    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "policy": policy.uri, "variant": variant,
-                      "attn_implementation": attn}, "dpo")
+    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "launch": cfg.launch.model_dump(),
+                      "policy": policy.uri, "variant": variant, "attn_implementation": attn}, "dpo")
     with stage_run(ctx, name, params, cache_key) as run_id:
-        rows, policy_path, tokenizer = preference_inputs(policy, pairs, name)
-        load = lambda: load_causal_lm(policy_path, ctx.device, attn=attn,  # noqa: E731
-                                      trust_remote_code=policy.trust_remote_code)
-        model = load()
-        ref_model = load() if needs_ref_copy(args, cfg.lora.enabled) else None
-        trainer = dpo_trainer(model, tokenizer, rows, args, lora_config(cfg.lora) if cfg.lora.enabled else None,
-                              ref_model, [MlflowMetricsCallback(run_id), CheckpointMarker()])
-        log_params(run_id, flatten({"active": active_paths(trainer, trainer.model),
-                                    "lora.resolved_targets": lora_targets(trainer.model)}, "dpo"))
-        result = train_resumable(trainer, args["output_dir"], name)
-        stage_logger().info("%s (%s) done: %d steps, train loss %.4f", name, variant, result.global_step,
-                            result.training_loss)
-        return save_trained_model(trainer, tokenizer, out_dir / "model", run_id, policy, cfg.lora.enabled,
-                                  merge_adapter=True)
+        rows_path, policy_path, tokenizer = preference_inputs(policy, pairs, name)
+        job = TrainJob(stage=name, trainer="dpo", rows=rows_path, model=policy_path, device=ctx.device, args=args,
+                       run_id=run_id, model_dir=str(out_dir / "model"), attn=attn,
+                       trust_remote_code=policy.trust_remote_code,
+                       lora=cfg.lora.model_dump() if cfg.lora.enabled else None,
+                       ref_copy=needs_ref_copy(args, cfg.lora.enabled), merge_adapter=True)
+        return train_and_save(job, cfg.launch, tokenizer, policy)
 
 
 # the pairs: ranked from the SFT model's samples, or else (dpo.data alone) the user's own preference data

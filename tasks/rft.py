@@ -12,12 +12,12 @@ from prefect.cache_policies import NONE
 
 from alignflow.caching import stage_dir
 from alignflow.config import DPOSection
-from alignflow.modeling import (attn_implementation, build_trl_config, load_causal_lm, lora_config, trainer_args)
+from alignflow.launch import TrainJob, check_launch
+from alignflow.modeling import attn_implementation, build_trl_config, trainer_args
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import Stage, register
-from alignflow.tracking import MlflowMetricsCallback, RunContext, flatten, log_params, stage_run
-from alignflow.training import active_paths, lora_targets, rft_trainer
-from tasks import CheckpointMarker, preference_inputs, save_trained_model, stage_logger, train_resumable
+from alignflow.tracking import RunContext, flatten, stage_run
+from tasks import preference_inputs, train_and_save
 from tasks.dpo import PREFERENCE_INPUTS
 
 
@@ -32,11 +32,13 @@ def sft_fields(args: dict) -> dict:
 
 def rft_args(cfg: DPOSection, device: str, seed: int, out_dir) -> dict:
     attn = attn_implementation(cfg.attn_implementation, device)
-    return sft_fields(trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "SFTConfig", attn))
+    return sft_fields(trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "SFTConfig", attn,
+                                   cfg.launch.mixed_precision))
 
 
 def check(config, device: str, out_dir) -> None:
     build_trl_config("rft", "SFTConfig", rft_args(config.dpo, device, config.seed, out_dir))
+    check_launch("dpo", config.dpo.launch, device)
 
 
 @task(name="rft", cache_policy=NONE)
@@ -45,19 +47,15 @@ def rft(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
     out_dir = stage_dir(ctx, name, cache_key)
     attn = attn_implementation(cfg.attn_implementation, ctx.device)
     args = rft_args(cfg, ctx.device, ctx.seed, out_dir / "trainer")
-    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "policy": policy.uri, "variant": "rft",
-                      "attn_implementation": attn}, "dpo")
+    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "launch": cfg.launch.model_dump(),
+                      "policy": policy.uri, "variant": "rft", "attn_implementation": attn}, "dpo")
     with stage_run(ctx, name, params, cache_key) as run_id:
-        rows, policy_path, tokenizer = preference_inputs(policy, pairs, name)
-        model = load_causal_lm(policy_path, ctx.device, attn=attn, trust_remote_code=policy.trust_remote_code)
-        trainer = rft_trainer(model, tokenizer, rows, args, lora_config(cfg.lora) if cfg.lora.enabled else None,
-                              [MlflowMetricsCallback(run_id), CheckpointMarker()])
-        log_params(run_id, flatten({"active": active_paths(trainer, trainer.model),
-                                    "lora.resolved_targets": lora_targets(trainer.model)}, "dpo"))
-        result = train_resumable(trainer, args["output_dir"], name)
-        stage_logger().info("%s done: %d steps, train loss %.4f", name, result.global_step, result.training_loss)
-        return save_trained_model(trainer, tokenizer, out_dir / "model", run_id, policy, cfg.lora.enabled,
-                                  merge_adapter=True)
+        rows_path, policy_path, tokenizer = preference_inputs(policy, pairs, name)
+        job = TrainJob(stage=name, trainer="rft", rows=rows_path, model=policy_path, device=ctx.device, args=args,
+                       run_id=run_id, model_dir=str(out_dir / "model"), attn=attn,
+                       trust_remote_code=policy.trust_remote_code,
+                       lora=cfg.lora.model_dump() if cfg.lora.enabled else None, merge_adapter=True)
+        return train_and_save(job, cfg.launch, tokenizer, policy)
 
 
 register(Stage(name="rft", task=rft, config={"cfg": "dpo"}, inputs=PREFERENCE_INPUTS,

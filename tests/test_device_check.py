@@ -27,6 +27,10 @@ def test_dry_run_measures_every_path_and_writes_its_figures(tmp_path):
                 entry[f"sft.{path}"]["active"])
         assert entry["sft.trl_defaults"]["active"]["gradient_checkpointing"]  # TRL's default, kept there
         assert not entry["sft.alignflow"]["active"]["gradient_checkpointing"]  # alignflow's CPU default
+    launched = figures["archs"]["llama"]["sft.launched"]  # the multi-GPU launch, as 2 CPU ranks
+    assert "error" not in launched, launched.get("error")
+    assert (launched["world_size"], launched["distributed_type"]) == (2, "MULTI_CPU")
+    assert launched["tokens_per_s"] > 0 and launched["scaling_vs_one_process"] > 0
     resolved = figures["cuda_defaults"]
     assert resolved["sft"]["bf16"] and resolved["sft"]["torch_compile"] is False
     assert "ratio alignflow / TRL defaults" in done.stdout

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from alignflow.config import load_config
 from flows.pipeline import align
-from tasks import COMPLETE_MARKER, last_complete_checkpoint
+from alignflow.launch import COMPLETE_MARKER, last_complete_checkpoint
 from tests.conftest import BIN, SMOKE, stop_tree
 
 pytestmark = pytest.mark.slow

@@ -93,6 +93,8 @@ class MlflowMetricsCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # launched on several processes: the main one logs
+            return
         now = int(time.time() * 1000)
         numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         self.history.append({"step": state.global_step, **numeric})
