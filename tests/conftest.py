@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: the tests build their models
@@ -64,15 +65,21 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
                                      env={**os.environ, **QUIET, **(env or {})}, start_new_session=True)
         deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(health, timeout=2)
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    pytest.fail(f"{name} did not start: {self.log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+        while not self.answers(health):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"{name} did not start: {self.log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    @staticmethod
+    def answers(url: str) -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except urllib.error.HTTPError as err:
+            return err.code < 500  # a server behind auth answers its anonymous probe with 401
+        except OSError:
+            return False
 
     def stop(self) -> None:
         stop_tree(self.proc)
