@@ -164,4 +164,5 @@ class Engine(Component):
 
 RANKERS = Registry("ranker", ("alignflow.rankers", "alignflow.judges", "alignflow.human"))
 PAIRS = Registry("pair strategy", ("alignflow.pairs",))
-ENGINES = Registry("generation engine", ("alignflow.generation", "alignflow.openai_engine"))
+ENGINES = Registry("generation engine", ("alignflow.generation", "alignflow.openai_engine",
+                                         "alignflow.vllm_engine"))

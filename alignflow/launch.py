@@ -258,7 +258,7 @@ def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter 
             _stream(proc, saved, log, tail)
             code = proc.wait()
         finally:
-            _stop(proc, stop_grace)
+            stop_group(proc, stop_grace)
     result = workdir / "result.json"
     if code == 0 and result.is_file():
         return json.loads(result.read_text())
@@ -284,7 +284,7 @@ def _stream(proc: subprocess.Popen, saved, log, tail: list[str]) -> None:
             log.info("%s", line)
 
 
-def _stop(proc: subprocess.Popen, grace: float) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
     """Nothing launched outlives the stage: SIGTERM to the launch's process group, at most `grace`
     seconds for it to go, then SIGKILL (a no-op when the launch has ended and taken its ranks along)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _table(results: dict) -> str:
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                            else "serve the deployments from this process until stopped")
         if name == "deploy":
             p.add_argument("--pool", required=True, help="Prefect work pool (e.g. of type process)")
+            p.add_argument("--job-variable", action="append", default=[], metavar="KEY=VALUE",
+                           help="a job variable of the pool's template (YAML value), e.g. gpu_count=8; repeatable")
+            p.add_argument("--source", default=None, help="where the code lives on the worker, if not this checkout "
+                                                          "(/opt/alignflow in infra/docker's images)")
         p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                        help="the scheduled run's config (default: infra/deployments.yaml's) and overrides")
         when = p.add_mutually_exclusive_group()
@@ -215,6 +220,8 @@ def _deploy_command(args) -> int:
     config, overrides = _config_and_overrides(args.rest)
     if config and os.path.exists(config):  # a file named from here; otherwise relative to the repository
         config = os.path.abspath(config)
+        if getattr(args, "source", None) and Path(config).is_relative_to(deploy.ROOT):
+            config = str(Path(config).relative_to(deploy.ROOT))  # the same file in the worker's copy
     try:
         spec = deploy.declared(args.file or deploy.DECLARED, config, overrides, args.cron, args.interval)
     except (ConfigError, ValidationError, OSError) as err:
@@ -223,7 +230,12 @@ def _deploy_command(args) -> int:
     if args.command == "serve":
         deploy.serve(spec)
         return 0
-    ids = deploy.deploy(spec, args.pool)
+    try:
+        job_variables = deploy.job_variables(args.job_variable)
+    except ValueError as err:
+        print(f"alignflow deploy: {err}", file=sys.stderr)
+        return 2
+    ids = deploy.deploy(spec, args.pool, job_variables, args.source)
     names = [f"align/{spec.pipeline.name}"] + [f"align-stage/{spec.stages.prefix}{s}" for s in spec.stages.names]
     for name, deployment_id in zip(names, ids):
         print(f"{name}  {deployment_id}")

@@ -111,19 +111,41 @@ def _stage_kwargs(spec: Deployments, stage: str) -> dict:
                             "the flow run to take inputs from.")
 
 
-def deploy(spec: Deployments, pool: str) -> list[str]:
-    """Create/update the deployments on the Prefect server for a work pool; returns their ids."""
+def job_variables(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings -> job variables, values read as YAML (8 -> int, {a: b} -> mapping)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--job-variable {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def deploy(spec: Deployments, pool: str, job_variables: dict | None = None, source: str | None = None) -> list[str]:
+    """Create/update the deployments on the Prefect server for a work pool; returns their ids.
+
+    `job_variables` fill the pool's base job template (e.g. `gpu_count`, `image` of infra/k8s/); `source` is
+    where the code lives on the worker when it is not this checkout (`/opt/alignflow` in infra/docker's
+    images): the flows load from here, and runs start in `source`."""
+    from prefect import deploy as prefect_deploy
+    from prefect.runner.storage import LocalStorage
+
     from flows.pipeline import align
     from flows.stage import align_stage
 
-    source = str(ROOT)
-    pipeline = align.from_source(source=source, entrypoint="flows/pipeline.py:align")
-    ids = [pipeline.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False,
-                           **_pipeline_kwargs(spec))]
-    stage_flow = align_stage.from_source(source=source, entrypoint="flows/stage.py:align_stage")
+    common = dict(work_pool_name=pool, job_variables=job_variables or {})
+    source_flow = lambda flow, entry: flow.from_source(source=str(ROOT), entrypoint=entry)  # noqa: E731
+    deployments = [source_flow(align, "flows/pipeline.py:align").to_deployment(**common, **_pipeline_kwargs(spec))]
     for stage in spec.stages.names:
-        ids.append(stage_flow.deploy(work_pool_name=pool, build=False, push=False, print_next_steps=False,
-                                     **_stage_kwargs(spec, stage)))
+        deployments.append(source_flow(align_stage, "flows/stage.py:align_stage").to_deployment(
+            **common, **_stage_kwargs(spec, stage)))
+    if source is not None:
+        for deployment in deployments:
+            deployment.storage = LocalStorage(path=source)  # the pull step: set the working directory there
+    ids = prefect_deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [str(i) for i in ids]
 
 

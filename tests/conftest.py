@@ -190,6 +190,16 @@ def tiny_model_path(alignflow_home) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(alignflow_home) -> Path:
+    """SmolLM2-135M-Instruct: the packaged GGUF converted to safetensors (once per session: a fresh $ALIGNFLOW_HOME)."""
+    from alignflow import embedded
+    from alignflow.config import load_config
+
+    return Path(embedded.resolve(load_config(ROOT / "configs" / "smollm2-135m.yaml").embedded, "embedded:smollm2-135m",
+                                 "model"))
+
+
+@pytest.fixture(scope="session")
 def smoke_data(alignflow_home) -> dict[str, list[dict]]:
     from alignflow import embedded
     from alignflow.config import load_config

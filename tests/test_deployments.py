@@ -43,6 +43,27 @@ def pause(api_url: str, deployment_id: str) -> None:
         client.pause_deployment(deployment_id)
 
 
+def cancel_other_runs(api_url: str, deployment_id: str, keep, timeout: float = 180) -> None:
+    """After the one scheduled run the test needs: the schedule (every 10 s) made more, and the worker (limit 1)
+    may have claimed the next; cancel them all and wait (bounded) until none holds the worker."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelled, Cancelling
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            others = [r for r in flow_runs(api_url, deployment_id) if r.id != keep and not r.state.is_final()]
+            if not others:
+                return
+            for run in others:
+                state = Cancelling() if run.state.is_running() else Cancelled()
+                if not run.state.is_cancelling():
+                    client.set_flow_run_state(run.id, state, force=True)
+            time.sleep(2)
+    pytest.fail(f"scheduled runs still not cancelled after {timeout} s")
+
+
 def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path, monkeypatch):
     env = {**servers_env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
     api = env["PREFECT_API_URL"]
@@ -70,6 +91,7 @@ def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path,
         pause(api, pipeline_id)  # one scheduled run is enough
         assert done, (tmp_path / "worker.log").read_text()[-4000:]
         run = done[0]
+        cancel_other_runs(api, pipeline_id, keep=run.id)  # the worker is free for the manual run
         assert run.state.is_completed(), (run.state, (tmp_path / "worker.log").read_text()[-4000:])
         assert run.auto_scheduled  # made by the schedule, not by hand
 

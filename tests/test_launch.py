@@ -76,7 +76,8 @@ def test_two_process_sft_matches_one_process(smoke_config, tiny_model_path, smok
 
 
 def test_two_process_lora_dpo_matches_one_process(smoke_config, tiny_model_path, smoke_data, run_ctx, tmp_path):
-    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "no idea"}]}
+    rejected = [{"role": "assistant", "content": "no idea"}]
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": rejected}
             for r in smoke_data["prompts"][:16]]
     pairs = dataset_ref(rows, tmp_path / "pairs.jsonl")
     policy = base_ref(tiny_model_path)

@@ -28,12 +28,6 @@ CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
 LLAMA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(alignflow_home) -> Path:
-    """The packaged GGUF converted to safetensors (once per test session: a fresh $ALIGNFLOW_HOME)."""
-    return Path(embedded.resolve(load_config(CONFIG).embedded, "embedded:smollm2-135m", "model"))
-
-
 def test_gguf_becomes_a_safetensors_model_with_the_same_outputs(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
