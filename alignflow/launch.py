@@ -159,7 +159,7 @@ def train(job: TrainJob, log: logging.Logger | logging.LoggerAdapter = _log) -> 
     model_dir = Path(job.model_dir)
     model = accelerator.unwrap_model(trainer.model)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
-    if job.lora and job.merge_adapter:  # see tasks.save_trained_model
+    if job.lora and job.merge_adapter:  # why: tasks.train_and_save
         if main:
             model.merge_and_unload().save_pretrained(str(model_dir), safe_serialization=True)
     else:

@@ -91,9 +91,10 @@ def test_sft_batches_train_on_the_answer_and_its_end_of_turn_only(smollm2_dir, s
 
 
 def test_template_mismatch_fails_before_any_weights_load(smollm2_dir, smoke_data, run_ctx, tmp_path, monkeypatch):
+    import alignflow.modeling
     import tasks.dpo as dpo_module
 
-    monkeypatch.setattr(dpo_module, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(alignflow.modeling, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded"))
     policy = ModelRef(uri=str(smollm2_dir), local_path=str(smollm2_dir), digest=digest_path(smollm2_dir),
                       chat_template=template_fingerprint(load_tokenizer(str(smollm2_dir))))
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "x"}]}
