@@ -330,23 +330,40 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _plain(value: Any) -> Any:
+    """A loaded YAML value that JSON can hold (configs are hashed as JSON): a YAML alias that contains
+    itself (`&a [*a]`) is refused here instead of overflowing the validator's recursion."""
+    json.dumps(value, default=str)  # ValueError: circular reference
+    return value
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        parsed.append((key.strip(), _load_yaml(raw)))  # YAML typing: 1e-4 -> float, [a, b] -> list
+        try:
+            value = _plain(_load_yaml(raw))  # YAML typing: 1e-4 -> float, [a, b] -> list
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an integer of 4300+ digits
+            raise ConfigError(f"override {key.strip()!r}: the value is not valid YAML: {_first_line(err)}") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     path = Path(path)
     try:
-        tree = _load_yaml(path.read_text()) or {}
+        tree = _plain(_load_yaml(path.read_bytes().decode("utf-8"))) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")

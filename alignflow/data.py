@@ -13,18 +13,25 @@ reported with its file, row number (1-based; the line number for JSONL) and fiel
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
+import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 ROLES = {"system", "user", "assistant"}
+MAX_PROBLEM = 400  # characters of a DataError's problem: a quoted row or value is cut, not printed whole
 
 
 class DataError(ValueError):
     def __init__(self, source: str, problem: str, row: int | None = None, field: str | None = None):
         where = source + (f": row {row}" if row is not None else "") + (f": field '{field}'" if field else "")
+        problem = " ".join(problem.split())  # one line, however long or odd the value it quotes
+        if len(problem) > MAX_PROBLEM:
+            problem = problem[:MAX_PROBLEM - 1] + "…"
         super().__init__(f"{where}: {problem}")
         self.source, self.row, self.field = source, row, field
 
@@ -55,16 +62,50 @@ def read_records(path: str, split: str = "train") -> list[dict]:
         raise DataError(path, f"could not load hub dataset (split {split!r}): {err}") from None
 
 
+NEWLINE = b"\n"
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
+
+
+def _decode(raw: bytes, file: Path, row: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = "" if row is not None else f" at line {raw.count(NEWLINE, 0, err.start) + 1}"
+        raise DataError(str(file), f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r}{where} "
+                        "(save the file as UTF-8)", row=row) from None
+
+
+def _parse(text: str, file: Path, row: int | None):
+    """One JSON value; every way it can fail (malformed, nested past Python's recursion limit, an
+    integer too long to convert, a lone surrogate that could never be written back) is a DataError."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"column {err.colno}" if row is not None else f"line {err.lineno} column {err.colno}"
+        raise DataError(str(file), f"malformed JSON ({err.msg} at {at})", row=row) from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(str(file), f"unreadable JSON value ({str(err) or type(err).__name__})", row=row) from None
+    if SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            raise DataError(str(file), "a \\u escape encodes a lone UTF-16 surrogate, which is not text",
+                            row=row) from None
+    return value
+
+
 def _read_jsonl(file: Path) -> list[dict]:
+    """Rows of a JSONL file, read as bytes so that a line that is not UTF-8 is named by its number;
+    a UTF-8 byte-order mark and CRLF line ends are accepted."""
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            line = _decode(raw, file, line_no)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(str(file), f"malformed JSON ({err.msg} at column {err.colno})", row=line_no) from None
+            row = _parse(line, file, line_no)
             if not isinstance(row, dict):
                 raise DataError(str(file), f"expected a JSON object, got {type(row).__name__}", row=line_no)
             rows.append(row)
@@ -72,10 +113,10 @@ def _read_jsonl(file: Path) -> list[dict]:
 
 
 def _read_json(file: Path) -> list[dict]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(str(file), f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    raw = file.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    data = _parse(_decode(raw, file, None), file, None)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} or {"train": [...]}
     if not isinstance(data, list):
@@ -198,7 +239,7 @@ SCORE_KEYS = ("overall_score", "score", "rating")
 
 def _number(value: Any, source: str, i: int, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(source, f"expected a finite number, got {value!r}", row=i, field=field)
+        raise DataError(source, f"expected a finite number, got {reprlib.repr(value)}", row=i, field=field)
     return float(value)
 
 
