@@ -145,12 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.pipeline import align
+    from tasks.select_base import NoUsableCandidate
 
     try:
         results = align(config)
     except (DataError, ConfigError) as err:
         print(f"alignflow: bad input: {err}", file=sys.stderr)
         return 2
+    except NoUsableCandidate as err:  # the run is FAILED; its last words are the selection table
+        print(f"alignflow: base selection failed: {err}", file=sys.stderr)
+        return 1
     print(_summary(results))
     return 0
 

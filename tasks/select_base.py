@@ -89,6 +89,58 @@ def answer_bits_per_byte(model, tokenizer, rows: list[dict], batch_size: int = 8
     return nats / max(n_bytes, 1) / math.log(2)
 
 
+class NoUsableCandidate(ValueError):
+    """No base candidate can be trained: each was unreachable or over the memory budget (the message
+    has one line per candidate saying which)."""
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a model source that cannot be reached raises: the hub offline or an unknown id (huggingface_hub's
+    errors are OSErrors), a missing directory or file, a GGUF file gguf cannot read (ValueError and the
+    reader's struct/index errors), a directory without safetensors weights (OSError from transformers)."""
+    import struct
+
+    from alignflow.gguf import GGUFError
+
+    return (OSError, ValueError, KeyError, IndexError, struct.error, GGUFError)
+
+
+UNREACHABLE = unreachable_errors()
+
+
+def unreachable_reason(err: BaseException) -> str:
+    """One line: the error's type and the first line of its message."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def _measure(entry: dict, cfg: BaseSection, spec: EmbeddedSpec, lora: LoraSection, ctx: RunContext,
+             rows: list[dict]) -> None:
+    """Fill in one candidate's row of the table: its size and memory need, and, within the budget, its
+    score; raises one of UNREACHABLE when the model cannot be found or loaded."""
+    name = entry["candidate"]
+    path = embedded.resolve(spec, name, "model")
+    hub = not Path(path).exists()
+    if hub:  # a hub id: its config first (the budget check), the weights only if it fits
+        if name.startswith(("/", "./", "../", "~")):
+            raise FileNotFoundError(f"{name}: no such directory or file")
+        path = call(hub_snapshot, name, cfg.revision, ["*.json"])
+    n_params = count_params_from_config(path, cfg.trust_remote_code, cfg.revision)
+    memory = training_memory_gb(n_params, lora.enabled, ctx.device)
+    entry.update({"path": path, "params": n_params, "train_memory_gb": round(memory, 4),
+                  "within_budget": memory <= cfg.memory_budget_gb})
+    if entry["within_budget"]:
+        if hub:
+            patterns = WEIGHT_FILES + (CODE_FILES if cfg.trust_remote_code else [])
+            path = entry["path"] = call(hub_snapshot, name, cfg.revision, patterns)
+        tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision)
+        model = load_causal_lm(path, ctx.device, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        entry[MEASURE] = answer_bits_per_byte(model, tokenizer, rows)
+        entry["chat_template"] = template_fingerprint(tokenizer)
+        entry["commit"] = getattr(model.config, "_commit_hash", None) or ""
+        del model
+
+
 @task(name="select_base", cache_policy=NONE)
 def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: LoraSection,
                 ctx: RunContext, cache_key: str | None = None) -> ModelRef:
@@ -98,37 +150,29 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
         log_dataset(rows, source=data.uri, name="sft_scoring", context="scoring")
         table = []
         for name in cfg.candidates:
-            path = embedded.resolve(spec, name, "model")
-            hub = not Path(path).exists()
-            if hub:  # a hub id: its config first (the budget check), the weights only if it fits
-                path = call(hub_snapshot, name, cfg.revision, ["*.json"])
-            n_params = count_params_from_config(path, cfg.trust_remote_code, cfg.revision)
-            memory = training_memory_gb(n_params, lora.enabled, ctx.device)
-            entry = {"candidate": name, "path": path, "params": n_params, "train_memory_gb": round(memory, 4),
-                     "within_budget": memory <= cfg.memory_budget_gb, MEASURE: math.nan, "chat_template": "",
-                     "commit": ""}
-            if entry["within_budget"]:
-                if hub:
-                    patterns = WEIGHT_FILES + (CODE_FILES if cfg.trust_remote_code else [])
-                    path = entry["path"] = call(hub_snapshot, name, cfg.revision, patterns)
-                tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.revision)
-                model = load_causal_lm(path, ctx.device, trust_remote_code=cfg.trust_remote_code,
-                                       revision=cfg.revision)
-                entry[MEASURE] = answer_bits_per_byte(model, tokenizer, rows)
-                entry["chat_template"] = template_fingerprint(tokenizer)
-                entry["commit"] = getattr(model.config, "_commit_hash", None) or ""
-                del model
-            logger.info("candidate %s: %s params, %.3f GB to train, %s %.4f", name, f"{n_params:,}",
-                        memory, MEASURE, entry[MEASURE])
+            entry = {"candidate": name, "path": "", "params": 0, "train_memory_gb": math.nan, "within_budget": False,
+                     MEASURE: math.nan, "chat_template": "", "commit": "", "skipped": ""}
+            try:
+                _measure(entry, cfg, spec, lora, ctx, rows)
+            except UNREACHABLE as err:  # the others still compete; the table says why this one did not
+                entry["skipped"] = unreachable_reason(err)
+                logger.warning("candidate %s skipped: %s", name, entry["skipped"])
+            else:
+                logger.info("candidate %s: %s params, %.3f GB to train, %s %.4f", name, f"{entry['params']:,}",
+                            entry["train_memory_gb"], MEASURE, entry[MEASURE])
             table.append(entry)
         eligible = [e for e in table if e["within_budget"]]
-        if not eligible:
-            raise ValueError(f"no base candidate fits base.memory_budget_gb={cfg.memory_budget_gb}: "
-                             + ", ".join(f"{e['candidate']} needs {e['train_memory_gb']} GB" for e in table))
-        chosen = min(eligible, key=lambda e: e[MEASURE])
+        chosen = min(eligible, key=lambda e: e[MEASURE]) if eligible else None
         for e in table:
             e["chosen"] = e is chosen
         mlflow.log_table({k: [e[k] for e in table] for k in table[0]}, "candidates.json")
+        if chosen is None:  # the table is logged all the same: it says why each candidate is out
+            reachable = [e for e in table if not e["skipped"]]
+            raise NoUsableCandidate(
+                ("no base candidate could be loaded" if not reachable else
+                 f"no base candidate fits base.memory_budget_gb={cfg.memory_budget_gb}") + ":\n"
+                + "\n".join(f"  {e['candidate']}: " + (f"skipped: {e['skipped']}" if e["skipped"] else
+                                                       f"needs {e['train_memory_gb']} GB") for e in table))
         mlflow.set_tags({"alignflow.base_model": chosen["candidate"], "alignflow.selection_measure": MEASURE})
         log_metrics(mlflow.active_run().info.run_id,
                     {f"chosen.{MEASURE}": chosen[MEASURE], "chosen.params": chosen["params"]})
@@ -143,13 +187,18 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
 
 
 def check(config, device: str, out_dir) -> None:
-    """Every candidate can be found without loading it: an embedded name the spec defines, an existing
-    `.gguf` file, a local directory, or else a hub id (checked when fetched)."""
+    """Every embedded name is one the spec defines, and at least one candidate may be reachable: when
+    every candidate is a local file or directory that does not exist, the run stops here. One missing
+    candidate among others is skipped by the stage (the selection table says why)."""
+    missing = []
     for name in config.base.candidates:
         if name.startswith(embedded.PREFIX):
             embedded.check_model_name(config.embedded, name)
-        elif name.endswith(".gguf") and not Path(name).is_file():
-            raise ValueError(f"base.candidates: {name}: GGUF file not found")
+        elif (name.endswith(".gguf") or name.startswith(("/", "./", "../", "~"))) and not Path(name).exists():
+            missing.append(name)
+    if missing and len(missing) == len(config.base.candidates):
+        raise ValueError("base.candidates: none can be found: " + "; ".join(f"{n}: no such file or directory"
+                                                                           for n in missing))
 
 
 def candidate_contents(arguments: dict) -> dict:
