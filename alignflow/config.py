@@ -129,6 +129,9 @@ class BaseSection(Section):
     score_examples: int = Field(default=64, gt=0)  # SFT rows held out to score candidates on
     trust_remote_code: bool = False
     revision: str | None = None
+    # a local candidate with only pickle weights (pytorch_model.bin) is refused unless this is true; then it is
+    # converted once to safetensors (tensors only: torch.load(weights_only=True)) and every stage loads that
+    allow_pickle_weights: bool = False
 
 
 class LaunchSection(Section):

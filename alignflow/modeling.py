@@ -153,9 +153,59 @@ def is_adapter(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save/pickle files: loading one may run code
+
+
+class UnsafeWeights(OSError):
+    """A model directory whose weights exist only as pickle files (an OSError: the model cannot be
+    loaded as it is, like a missing one)."""
+
+
+def pickle_only(path: str | Path) -> list[str]:
+    """The pickle weight files of a local model directory that has no safetensors weights; [] otherwise
+    (safetensors present, a hub id, or no weights at all: transformers says what is missing)."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return []
+    return sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.name != "training_args.bin")
+
+
+def refuse_pickle(path: str | Path) -> None:
+    if files := pickle_only(path):
+        raise UnsafeWeights(f"{path}: only pickle weights ({', '.join(files)}): alignflow loads safetensors "
+                            "only, since unpickling can run code; for a base model you trust, set "
+                            "base.allow_pickle_weights: true to convert it once to safetensors")
+
+
+def unpickle_to_safetensors(path: str | Path, home: Path, trust_remote_code: bool = False) -> Path:
+    """A pickle-only model directory converted once to safetensors (base.allow_pickle_weights): the weights
+    are read by transformers with torch.load(weights_only=True), which restores tensors, not objects."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from alignflow.embedded import _build_atomically
+    from alignflow.refs import digest_path
+
+    source = Path(path)
+    target = home / "unpickled" / f"{source.name}-{digest_path(source).split(':')[-1][:12]}"
+
+    def build(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=False, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+        model.save_pretrained(tmp, safe_serialization=True)
+        for item in source.iterdir():  # tokenizer, chat template, generation config, code: all but weights
+            if item.is_file() and item.suffix not in PICKLE_SUFFIXES and not (tmp / item.name).exists():
+                shutil.copy2(item, tmp / item.name)
+
+    return _build_atomically(target, build)
+
+
 def load_causal_lm(path: str, device: str, *, trust_remote_code: bool = False, revision: str | None = None,
                    merge_adapter: bool = True, attn: str | None = None):
-    """Full weights or a PEFT adapter dir (merged into its base); safetensors only."""
+    """Full weights or a PEFT adapter dir (merged into its base); safetensors only: a directory with only
+    pickle weights is refused (UnsafeWeights) before anything is unpickled."""
+    refuse_pickle(path)
     kwargs = dict(dtype=model_dtype(device), trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn:
         kwargs["attn_implementation"] = attn

@@ -11,6 +11,7 @@ flow body below only says the order, and passes what differs between rounds.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import RunInfo
@@ -49,18 +50,41 @@ def run_stage(stage_id: str, config: PipelineConfig, ctx: RunContext, outputs: d
             get_run_logger().info("%s runs uncached: %s", run_name, err)
     if key is None:
         return stage.task(**inputs, ctx=ctx)
-    cached = stage.task.with_options(cache_policy=RecordedKey(), persist_result=True,
-                                     result_storage=Path(config.output_dir).resolve() / "cache")
-    state = cached(**inputs, ctx=ctx, cache_key=key, return_state=True)
-    result = state.result()
-    if state.name != "Cached":
-        return result
-    problem = stale_reason(result)
-    if problem is None:
-        record_cache_hit(ctx, run_name, key, result)
-        return result
-    get_run_logger().warning("%s: cached output not usable (%s); running it again", run_name, problem)
-    return cached.with_options(refresh_cache=True)(**inputs, ctx=ctx, cache_key=key)
+    cache = Path(config.output_dir).resolve() / "cache"
+    cached = stage.task.with_options(cache_policy=RecordedKey(), persist_result=True, result_storage=cache)
+    with stage_lock(cache / "locks" / f"{key}.lock", run_name):
+        state = cached(**inputs, ctx=ctx, cache_key=key, return_state=True)
+        result = state.result()
+        if state.name != "Cached":
+            return result
+        problem = stale_reason(result)
+        if problem is None:
+            record_cache_hit(ctx, run_name, key, result)
+            return result
+        get_run_logger().warning("%s: cached output not usable (%s); running it again", run_name, problem)
+        return cached.with_options(refresh_cache=True)(**inputs, ctx=ctx, cache_key=key)
+
+
+@contextmanager
+def stage_lock(path: Path, run_name: str):
+    """One writer per cache key: a second run reaching a stage that another run is computing waits here,
+    then finds its cached result. An OS file lock (the `filelock` package: flock), not Prefect's SERIALIZABLE
+    isolation, whose lock files outlive a killed holder: the kernel releases this one when its process dies,
+    so a SIGKILLed run never blocks the next."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        get_run_logger().info("%s: another run is computing this stage (lock %s); waiting for its result",
+                              run_name, path)
+        lock.acquire()  # held by a live process only: it finishes or dies, and either releases it
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def preference_rounds(config: PipelineConfig, variant: str, outputs: dict, ctx: RunContext) -> dict[str, ModelRef]:

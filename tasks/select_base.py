@@ -19,7 +19,8 @@ from prefect.cache_policies import NONE
 from alignflow import embedded
 from alignflow.config import BaseSection, EmbeddedSpec, LoraSection
 from alignflow.data import read_jsonl
-from alignflow.modeling import load_causal_lm, load_tokenizer, template_fingerprint
+from alignflow.modeling import (load_causal_lm, load_tokenizer, pickle_only, template_fingerprint,
+                                unpickle_to_safetensors)
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
@@ -125,6 +126,8 @@ def _measure(entry: dict, cfg: BaseSection, spec: EmbeddedSpec, lora: LoraSectio
         if name.startswith(("/", "./", "../", "~")):
             raise FileNotFoundError(f"{name}: no such directory or file")
         path = call(hub_snapshot, name, cfg.revision, ["*.json"])
+    elif cfg.allow_pickle_weights and pickle_only(path):
+        path = str(unpickle_to_safetensors(path, embedded.home(), cfg.trust_remote_code))
     n_params = count_params_from_config(path, cfg.trust_remote_code, cfg.revision)
     memory = training_memory_gb(n_params, lora.enabled, ctx.device)
     entry.update({"path": path, "params": n_params, "train_memory_gb": round(memory, 4),
@@ -161,7 +164,7 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
                 logger.info("candidate %s: %s params, %.3f GB to train, %s %.4f", name, f"{entry['params']:,}",
                             entry["train_memory_gb"], MEASURE, entry[MEASURE])
             table.append(entry)
-        eligible = [e for e in table if e["within_budget"]]
+        eligible = [e for e in table if e["within_budget"] and not e["skipped"]]
         chosen = min(eligible, key=lambda e: e[MEASURE]) if eligible else None
         for e in table:
             e["chosen"] = e is chosen
@@ -178,7 +181,7 @@ def select_base(cfg: BaseSection, data: DatasetRef, spec: EmbeddedSpec, lora: Lo
                     {f"chosen.{MEASURE}": chosen[MEASURE], "chosen.params": chosen["params"]})
         logger.info("chose %s (%s %.4f)", chosen["candidate"], MEASURE, chosen[MEASURE])
         # a hub model keeps its hub id as URI (other machines fetch it) and its downloaded copy as local path
-        hub = chosen["path"] != embedded.resolve(spec, chosen["candidate"], "model")
+        hub = not Path(embedded.resolve(spec, chosen["candidate"], "model")).exists()
         ref = ModelRef(uri=chosen["candidate"] if hub else chosen["path"], local_path=chosen["path"],
                        digest=digest_path(chosen["path"]), run_id=mlflow.active_run().info.run_id,
                        chat_template=chosen["chat_template"], trust_remote_code=cfg.trust_remote_code)

@@ -64,6 +64,12 @@ def test_whole_flow_records_every_stage(prefect_server, smoke_config):
     assert {"model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja"} <= sft_files
     assert "loss" in by_stage["sft"].data.metrics and "loss" not in parent.data.metrics
     assert "rewards/margins" in by_stage["dpo"].data.metrics
+    from alignflow.modeling import PICKLE_SUFFIXES
+    from tests.test_stages import artifact_paths
+
+    logged = [path for run in children for path in artifact_paths(run.info.run_id)]
+    assert any(path.endswith("model.safetensors") for path in logged)
+    assert not [path for path in logged if path.endswith(PICKLE_SUFFIXES)]  # no pickle in any logged model
     assert by_stage["sample"].data.metrics["candidates"] == 24 * smoke_config.sample.num_candidates
 
     from prefect import get_client
