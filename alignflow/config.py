@@ -188,6 +188,10 @@ class TrainerSection(Section):
     # the attention kernel the model loads with; `auto`: FlashAttention 2 on CUDA when installed (then SFT
     # batches are padding-free), else PyTorch SDPA. The resolved value is logged with the stage.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
+    # rows longer than `trainer.max_length` tokens (TRL's default 1024) are counted and reported, then truncated
+    # by TRL (`truncate`, its `truncation_mode`) or left out (`drop`); a row whose prompt alone fills max_length
+    # is left out either way (no answer token would remain to learn from)
+    overlength: Literal["truncate", "drop"] = "truncate"
 
     @field_validator("trainer")
     @classmethod

@@ -44,6 +44,39 @@ def dpo_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_
                       peft_config=peft_config, callbacks=list(callbacks))
 
 
+ANSWERS = {"sft": ("completion",), "rft": ("chosen",), "dpo": ("chosen", "rejected")}  # what each trainer learns
+
+
+def fit_to_length(rows: list[dict], tokenizer, trainer: str, max_length: int | None, truncation_mode: str,
+                  overlength: str) -> tuple[list[dict], dict[str, Any]]:
+    """Rows measured in tokens as the trainer will see them (the chat template applied to prompt + answer);
+    those over `max_length` are counted, and truncated by TRL (`overlength: truncate`) or dropped here
+    (`drop`). A row whose prompt alone fills `max_length` would keep no answer token under TRL's
+    `keep_start` truncation: it teaches nothing (a batch of only such rows has a loss over no token, 0/0),
+    so it is dropped in either mode.
+    Returns (rows to train on, report: rows, overlength, dropped, max_tokens, first row numbers over)."""
+
+    def length(messages: list[dict], generation_prompt: bool = False) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                                 return_dict=True)["input_ids"])
+
+    kept, over, dropped, longest = [], [], 0, 0
+    for i, row in enumerate(rows, start=1):
+        tokens = max(length(row["prompt"] + row[key]) for key in ANSWERS[trainer])
+        longest = max(longest, tokens)
+        if max_length is None or tokens <= max_length:
+            kept.append(row)
+            continue
+        over.append(i)
+        no_answer = truncation_mode == "keep_start" and length(row["prompt"], True) >= max_length
+        if overlength == "drop" or no_answer:
+            dropped += 1
+        else:
+            kept.append(row)
+    return kept, {"rows": len(rows), "overlength": len(over), "dropped": dropped, "max_tokens": longest,
+                  "examples": over[:5]}
+
+
 def needs_ref_copy(args: dict[str, Any], lora: bool) -> bool:
     """Whether DPO needs a second copy of the starting policy as its reference (see dpo_trainer)."""
     return not (lora or args.get("precompute_ref_log_probs"))

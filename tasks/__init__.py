@@ -40,10 +40,47 @@ def preference_inputs(policy: ModelRef, pairs: DatasetRef, name: str) -> tuple[s
     return rows_path, policy_path, tokenizer
 
 
-def train_and_save(job, launch, tokenizer, source: ModelRef) -> ModelRef:
+def fit_rows(job, overlength: str, tokenizer):
+    """The job with the rows it trains on fitted to the trainer's max_length (alignflow.training.fit_to_length):
+    over-length rows counted and logged (metrics `data.*`, one warning line), dropped ones left out of a copy
+    of the rows file beside the model (the input file is never changed). Fails if no row is left."""
+    import dataclasses
+
+    import trl
+
+    from alignflow.data import read_jsonl, write_jsonl
+    from alignflow.tracking import log_metrics, log_params
+    from alignflow.training import fit_to_length
+
+    trl_config = getattr(trl, "DPOConfig" if job.trainer == "dpo" else "SFTConfig")
+    max_length = job.args.get("max_length", trl_config.max_length)
+    truncation = job.args.get("truncation_mode", trl_config.truncation_mode)
+    rows = read_jsonl(job.rows)
+    kept, report = fit_to_length(rows, tokenizer, job.trainer, max_length, truncation, overlength)
+    log_metrics(job.run_id, {"data.rows": report["rows"], "data.overlength_rows": report["overlength"],
+                             "data.dropped_rows": report["dropped"], "data.max_tokens": report["max_tokens"]})
+    log_params(job.run_id, {f"{'dpo' if job.trainer == 'rft' else job.trainer}.overlength": overlength})
+    if report["overlength"]:
+        stage_logger().warning(
+            "%s: %d of %d rows are longer than max_length %s tokens (the longest %d; rows %s%s): %d dropped, %d "
+            "truncated by TRL (%s)", job.stage, report["overlength"], report["rows"], max_length,
+            report["max_tokens"], ", ".join(map(str, report["examples"])),
+            ", ..." if report["overlength"] > len(report["examples"]) else "", report["dropped"],
+            report["overlength"] - report["dropped"], truncation)
+    if not kept:
+        raise ValueError(f"{job.stage}: no row fits max_length {max_length} tokens (the longest has "
+                         f"{report['max_tokens']}): raise {job.stage}.trainer.max_length or shorten the data")
+    if not report["dropped"]:
+        return job
+    fitted = write_jsonl(kept, Path(job.model_dir).parent / "rows.fitted.jsonl")
+    return dataclasses.replace(job, rows=str(fitted))
+
+
+def train_and_save(job, section, tokenizer, source: ModelRef) -> ModelRef:
     """Train as `job` says, in this process or launched (alignflow.launch), then log the saved model (weights
     or adapter, safetensors, with its tokenizer and chat template) to the stage's run and return its
-    ModelRef, which keeps the `trust_remote_code` of the `source` model it was trained from.
+    ModelRef, which keeps the `trust_remote_code` of the `source` model it was trained from. `section` is the
+    stage's config section (its `launch` and `overlength`).
 
     `job.merge_adapter`: a LoRA adapter is merged into the model it was trained on and saved as full
     weights. The preference stages need it: their starting policy may itself be a LoRA SFT merged
@@ -52,7 +89,8 @@ def train_and_save(job, launch, tokenizer, source: ModelRef) -> ModelRef:
     from alignflow.launch import run_training
     from tasks.transfer import call, upload_artifacts
 
-    run_training(job, launch, stage_logger())
+    job = fit_rows(job, section.overlength, tokenizer)
+    run_training(job, section.launch, stage_logger())
     if job.lora and job.merge_adapter:
         mlflow.set_tag("alignflow.lora_merged", "true")
     model_dir = Path(job.model_dir)

@@ -66,7 +66,7 @@ def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
                        trust_remote_code=policy.trust_remote_code,
                        lora=cfg.lora.model_dump() if cfg.lora.enabled else None,
                        ref_copy=needs_ref_copy(args, cfg.lora.enabled), merge_adapter=True)
-        return train_and_save(job, cfg.launch, tokenizer, policy)
+        return train_and_save(job, cfg, tokenizer, policy)
 
 
 # the pairs: ranked from the SFT model's samples, or else (dpo.data alone) the user's own preference data

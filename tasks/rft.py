@@ -55,7 +55,7 @@ def rft(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, n
                        run_id=run_id, model_dir=str(out_dir / "model"), attn=attn,
                        trust_remote_code=policy.trust_remote_code,
                        lora=cfg.lora.model_dump() if cfg.lora.enabled else None, merge_adapter=True)
-        return train_and_save(job, cfg.launch, tokenizer, policy)
+        return train_and_save(job, cfg, tokenizer, policy)
 
 
 register(Stage(name="rft", task=rft, config={"cfg": "dpo"}, inputs=PREFERENCE_INPUTS,

@@ -51,7 +51,7 @@ def sft(cfg: SFTSection, base: ModelRef, data: DatasetRef, ctx: RunContext, cach
                        args=args, run_id=run_id, model_dir=str(out_dir / "model"), attn=attn,
                        trust_remote_code=base.trust_remote_code,
                        lora=cfg.lora.model_dump() if cfg.lora.enabled else None)
-        return train_and_save(job, cfg.launch, tokenizer, base)
+        return train_and_save(job, cfg, tokenizer, base)
 
 
 register(Stage(name="sft", task=sft, config={"cfg": "sft"}, inputs={"base": "select_base", "data": "load_data.sft"},
