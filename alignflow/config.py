@@ -377,12 +377,42 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     return validate_config(tree, source=str(path), overrides=overrides)
 
 
+SECRET_QUERY = re.compile(r"(token|secret|password|passwd|api[_-]?key|apikey|signature|sig|credential|auth)",
+                          re.IGNORECASE)
+
+
+def refuse_credentials(tree: Any, source: str, key: str = "") -> None:
+    """A config value that carries a credential: a URL with a password (`https://user:token@host/...`) or a
+    secret-looking query parameter (`?token=...`). The config is logged (MLflow params, config.json) and is the
+    flow run's Prefect parameter, so such a value would leak: it is refused, naming the key, before anything
+    runs. Keys belong in the environment or a Prefect Secret block (HF_TOKEN, `api_key_env`, `api_key_block`)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            refuse_credentials(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            refuse_credentials(v, source, f"{key}[{i}]")
+    elif isinstance(tree, str) and "://" in tree:
+        try:
+            url = urlsplit(tree)
+            password, query = url.password, parse_qsl(url.query)
+        except ValueError:  # not a URL after all (a bad port, brackets): nothing to find in it
+            return
+        if password or any(SECRET_QUERY.search(name) for name, _ in query):
+            raise ConfigError(f"{source}: {key}: the URL carries a credential, which would be logged with the config; "
+                              "give it through the environment or a Prefect Secret block instead (HF_TOKEN for the "
+                              "hub, api_key_env/api_key_block for an endpoint)")
+
+
 def validate_config(tree: dict, source: str = "config", overrides: list[str] = ()) -> PipelineConfig:
     """A config tree (left unchanged) with dotted overrides applied, validated."""
     if overrides:
         tree = copy.deepcopy(tree)
         for key, value in parse_overrides(list(overrides)):
             set_dotted(tree, key, value)
+    refuse_credentials(tree, source)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:

@@ -188,8 +188,16 @@ def check_launch(section: str, launch, device: str) -> None:
 def run_training(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter = _log) -> dict[str, Any]:
     """Train in this process, or launched as `launch` (alignflow.config.LaunchSection) says. The model
     lands in `job.model_dir` only when training finished everywhere; the returned dict is `train`'s."""
+    from alignflow.refs import digest_path
+
     final = Path(job.model_dir)
     partial = final.with_name(final.name + ".partial")
+    trained = final.with_name(final.name + TRAINED_SUFFIX)
+    if (done := _trained_before(final, trained)) is not None:
+        log.info("%s: %s was trained by an earlier attempt of this stage that failed after training (e.g. its "
+                 "upload): kept as it is, not trained again", job.stage, final)
+        return done
+    trained.unlink(missing_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
     job = replace(job, model_dir=str(partial))
     try:
@@ -199,7 +207,25 @@ def run_training(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdap
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
+    trained.write_text(json.dumps({"result": result, "digest": digest_path(final)}))
     return result
+
+
+TRAINED_SUFFIX = ".trained.json"  # beside a model directory that training finished: its digest and result
+
+
+def _trained_before(final: Path, trained: Path) -> dict[str, Any] | None:
+    """The result of an earlier training of this (keyed) stage directory, if its model is still exactly what
+    that training saved; a rerun after a failed upload then uploads it instead of training again."""
+    from alignflow.refs import digest_path
+
+    try:
+        record = json.loads(trained.read_text())
+    except (OSError, ValueError):
+        return None
+    if not final.is_dir() or digest_path(final) != record.get("digest"):
+        return None
+    return record.get("result")
 
 
 def launch_command(launch, device: str, script_args: list[str], precision: str = "no") -> list[str]:
