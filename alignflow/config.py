@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError,
+                      field_validator, model_validator)
 
 from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker
 
@@ -147,6 +147,7 @@ class LaunchSection(Section):
     main_process_port: int | None = Field(default=None, ge=0, le=65535)
     config_file: str | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    _file_type: str | None = PrivateAttr(default=None)  # the config file's distributed type, read by the validator
 
     @model_validator(mode="after")
     def _coherent(self) -> LaunchSection:
@@ -160,9 +161,10 @@ class LaunchSection(Section):
             if not Path(self.config_file).is_file():
                 raise ValueError(f"config_file {self.config_file}: no such file")
             try:
-                load_config_from_file(self.config_file)
+                loaded = load_config_from_file(self.config_file)
             except (ValueError, TypeError, yaml.YAMLError) as err:
                 raise ValueError(f"config_file {self.config_file}: accelerate cannot read it: {err}") from None
+            self._file_type = str(loaded.distributed_type.value)  # read once, here
         return self
 
     def launched(self) -> bool:
@@ -172,9 +174,7 @@ class LaunchSection(Section):
         """What the config file asks for (accelerate's DistributedType value); DDP when launched without one."""
         if self.config_file is None:
             return "MULTI_GPU" if self.launched() else "NO"
-        from accelerate.commands.config.config_args import load_config_from_file
-
-        return str(load_config_from_file(self.config_file).distributed_type.value)
+        return self._file_type
 
 
 class TrainerSection(Section):

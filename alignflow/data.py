@@ -16,10 +16,11 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 ROLES = {"system", "user", "assistant"}
@@ -38,28 +39,49 @@ class DataError(ValueError):
 
 def read_records(path: str, split: str = "train") -> list[dict]:
     """Raw rows from a local file, or from the hub when `path` is not a local file."""
+    return [row for _, row in iter_records(path, split)]
+
+
+def iter_records(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """(row number, raw row), streamed: a JSONL file line by line (the number is the line's), Parquet by
+    record batch, a hub dataset from its memory-mapped Arrow cache; a JSON file is parsed whole (JSON has
+    no row boundaries to stream by)."""
     file = Path(path)
     if file.suffix in FILE_SUFFIXES or file.exists():
         if not file.is_file():
             raise DataError(path, "file not found")
         if file.suffix == ".jsonl":
-            return _read_jsonl(file)
-        if file.suffix == ".json":
-            return _read_json(file)
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                return pq.read_table(file).to_pylist()
-            except Exception as err:  # pyarrow raises several types for a corrupt file
-                raise DataError(path, f"not a readable Parquet file ({err})") from None
-        raise DataError(path, f"unsupported file type {file.suffix!r}; use one of {FILE_SUFFIXES}")
+            yield from _read_jsonl(file)
+        elif file.suffix == ".json":
+            yield from enumerate(_read_json(file), start=1)
+        elif file.suffix == ".parquet":
+            yield from _read_parquet(file)
+        else:
+            raise DataError(path, f"unsupported file type {file.suffix!r}; use one of {FILE_SUFFIXES}")
+        return
     import datasets
 
     try:
-        return list(datasets.load_dataset(path, split=split))
+        hub = datasets.load_dataset(path, split=split)
     except Exception as err:  # offline, unknown name, missing split: all end here
         raise DataError(path, f"could not load hub dataset (split {split!r}): {err}") from None
+    yield from enumerate(hub, start=1)
+
+
+def _read_parquet(file: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(file).iter_batches(batch_size=4096)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                i += 1
+                yield i, row
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataError(str(file), f"not a readable Parquet file ({err})") from None
 
 
 NEWLINE = b"\n"
@@ -94,10 +116,9 @@ def _parse(text: str, file: Path, row: int | None):
     return value
 
 
-def _read_jsonl(file: Path) -> list[dict]:
-    """Rows of a JSONL file, read as bytes so that a line that is not UTF-8 is named by its number;
-    a UTF-8 byte-order mark and CRLF line ends are accepted."""
-    rows = []
+def _read_jsonl(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a JSONL file, read as bytes so that a line that is not UTF-8 is named by its
+    number; a UTF-8 byte-order mark and CRLF line ends are accepted."""
     with open(file, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -108,8 +129,7 @@ def _read_jsonl(file: Path) -> list[dict]:
             row = _parse(line, file, line_no)
             if not isinstance(row, dict):
                 raise DataError(str(file), f"expected a JSON object, got {type(row).__name__}", row=line_no)
-            rows.append(row)
-    return rows
+            yield line_no, row
 
 
 def _read_json(file: Path) -> list[dict]:
@@ -127,7 +147,8 @@ def _read_json(file: Path) -> list[dict]:
     return data
 
 
-def detect_shape(rows: list[dict], source: str) -> str:
+def detect_shape(rows: list[dict], source: str, row: int = 1) -> str:
+    """The shape of a dataset, from its first row (`row`: that row's number)."""
     first = rows[0]
     if "messages" in first:
         return "messages"
@@ -136,7 +157,7 @@ def detect_shape(rows: list[dict], source: str) -> str:
     if "instruction" in first:
         return "alpaca"
     raise DataError(source, f"unrecognised columns {sorted(first)}: expected 'instruction'/'output' (Alpaca), "
-                    "'messages', or 'prompt'/'completion'", row=1)
+                    "'messages', or 'prompt'/'completion'", row=row)
 
 
 def _text(row: dict, field: str, source: str, i: int, required: bool = True) -> str | None:
@@ -200,16 +221,54 @@ def convert_row(row: dict, shape: str, source: str, i: int, require_reference: b
     return converted
 
 
+def convert_rows(path: str, *, split: str = "train", limit: int | None = None,
+                 require_reference: bool = True) -> Iterator[dict]:
+    """Read, validate and convert a dataset row by row (memory bounded by one row, not the file); raises
+    DataError naming the file, row and field."""
+    shape, n = None, 0
+    for i, row in iter_records(path, split):
+        if limit and n >= limit:
+            break
+        shape = shape or detect_shape([row], path, i)
+        yield convert_row(row, shape, path, i, require_reference)
+        n += 1
+    if n == 0:
+        raise DataError(path, "dataset is empty")
+
+
 def load_rows(path: str, *, split: str = "train", limit: int | None = None,
               require_reference: bool = True) -> list[dict]:
     """Read, validate and convert a dataset; raises DataError naming the file, row and field."""
-    rows = read_records(path, split)
-    if limit:
-        rows = rows[:limit]
-    if not rows:
-        raise DataError(path, "dataset is empty")
-    shape = detect_shape(rows, path)
-    return [convert_row(row, shape, path, i, require_reference) for i, row in enumerate(rows, start=1)]
+    return list(convert_rows(path, split=split, limit=limit, require_reference=require_reference))
+
+
+SAMPLE_ROWS = 1000  # rows of a converted dataset kept in memory: its MLflow schema and profile
+
+
+def write_converted(path: str, out: Path, *, split: str = "train", limit: int | None = None,
+                    require_reference: bool = True) -> dict[str, Any]:
+    """Convert a dataset into `out` (JSONL), streaming: peak memory does not grow with the file. Returns
+    {"rows": n, "flaws": {kind: count}, "sample": the first SAMPLE_ROWS converted rows}. On a DataError
+    nothing is left at `out`."""
+    from collections import Counter
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    n, flaws, sample = 0, Counter(), []
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for row in convert_rows(path, split=split, limit=limit, require_reference=require_reference):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+                if row.get("flaw"):
+                    flaws[row["flaw"]] += 1
+                if len(sample) < SAMPLE_ROWS:
+                    sample.append(row)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
+    return {"rows": n, "flaws": dict(flaws), "sample": sample}
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:

@@ -44,7 +44,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 COMPLETE_MARKER = "alignflow-complete.json"
-CPU_ONLY_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU")  # accelerate configs a CPU launch can honour (DDP)
+CPU_LAUNCHABLE = ("NO", "MULTI_GPU", "MULTI_CPU")  # accelerate configs a CPU launch can honour (DDP)
 _log = logging.getLogger("alignflow")
 
 
@@ -180,7 +180,7 @@ def check_launch(section: str, launch, device: str) -> None:
     """Before any model loads: a launch this machine cannot honour. On CPU, accelerate turns any config into
     DDP over gloo (ACCELERATE_USE_CPU), so an FSDP or DeepSpeed config would silently not shard."""
     wanted = launch.distributed_type()
-    if device == "cpu" and wanted not in CPU_ONLY_TYPES:
+    if device == "cpu" and wanted not in CPU_LAUNCHABLE:
         raise ValueError(f"{section}.launch: {launch.config_file} asks for {wanted}, which needs CUDA devices; "
                          "on CPU a launch runs DDP (drop config_file, keep num_processes)")
 
@@ -194,8 +194,13 @@ def run_training(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdap
     partial = final.with_name(final.name + ".partial")
     trained = final.with_name(final.name + TRAINED_SUFFIX)
     if (done := _trained_before(final, trained)) is not None:
-        log.info("%s: %s was trained by an earlier attempt of this stage that failed after training (e.g. its "
-                 "upload): kept as it is, not trained again", job.stage, final)
+        from mlflow.tracking import MlflowClient
+
+        log.info("%s: %s was trained by an earlier attempt of this stage whose run failed or was lost after "
+                 "training (e.g. its upload): the model is used as it is, not trained again", job.stage, final)
+        client = MlflowClient()
+        client.set_tag(job.run_id, "alignflow.trained_before", str(final))
+        client.log_metric(job.run_id, "global_step", done.get("global_step", 0))
         return done
     trained.unlink(missing_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
@@ -281,7 +286,7 @@ def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter 
         proc = subprocess.Popen(cmd, env=launch_env(launch, job.device), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         try:
-            _stream(proc, saved, log, tail)
+            stream_output(proc, log, tail, saved)
             code = proc.wait()
         finally:
             stop_group(proc, stop_grace)
@@ -291,18 +296,21 @@ def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter 
     raise LaunchError(_failure(job.stage, workdir, code, tail))
 
 
-def _stream(proc: subprocess.Popen, saved, log, tail: list[str]) -> None:
-    """Copy the launch's output to launch.log and, line by line, to `log` (progress bars throttled)."""
+def stream_output(proc: subprocess.Popen, log, tail: list[str], saved=None, keep: int = 60) -> None:
+    """Copy a child's output (a binary stdout pipe) line by line to `log`, progress bars throttled to one
+    line per 5 s, and as it comes to the binary file `saved` if given; `tail` keeps its last `keep` lines
+    (for the root cause of a failure). Used by launched training and the vLLM worker."""
     last_bar, pending = 0.0, b""
     for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-        saved.write(chunk)
-        saved.flush()
+        if saved is not None:
+            saved.write(chunk)
+            saved.flush()
         *lines, pending = re.split(rb"[\r\n]", pending + chunk)
         for raw in lines:
             line = raw.decode(errors="replace").rstrip()
             if not line.strip():
                 continue
-            tail[:] = (tail + [line])[-60:]
+            tail[:] = (tail + [line])[-keep:]
             if PROGRESS.search(line):
                 if time.monotonic() - last_bar < 5:
                     continue

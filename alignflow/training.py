@@ -62,7 +62,7 @@ def fit_to_length(rows: list[dict], tokenizer, trainer: str, max_length: int | N
 
     kept, over, dropped, longest = [], [], 0, 0
     for i, row in enumerate(rows, start=1):
-        tokens = max(length(row["prompt"] + row[key]) for key in ANSWERS[trainer])
+        tokens = max(length(row["prompt"] + row.get(key, [])) for key in ANSWERS[trainer])  # a key missing: TRL says
         longest = max(longest, tokens)
         if max_length is None or tokens <= max_length:
             kept.append(row)

@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from alignflow.components import ENGINES, Engine
-from alignflow.launch import stop_group
+from alignflow.launch import stop_group, stream_output
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
@@ -81,14 +81,12 @@ class VLLMGenerator:
             cmd = [self.cfg.python, str(WORKER), str(request_file), str(answers_file)]
             log.info("%s: vLLM in %s: %d prompts x %d", progress or "generate", self.cfg.python, len(prompts), n)
             tail: list[str] = []
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             watchdog = threading.Timer(self.cfg.timeout, stop_group, (proc, 10))  # vLLM runs processes of its own
             watchdog.start()
             try:
-                for line in proc.stdout:
-                    tail = (tail + [line.rstrip()])[-300:]
-                    log.info("%s", line.rstrip())
+                stream_output(proc, log, tail, keep=300)
                 code = proc.wait()
             finally:
                 watchdog.cancel()

@@ -8,6 +8,8 @@ user's files are only read. The converted copies are what later stages consume a
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -16,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from alignflow import embedded, stages
 from alignflow.config import PipelineConfig
-from alignflow.data import load_preference_rows, load_rows, write_jsonl
+from alignflow.data import SAMPLE_ROWS, load_preference_rows, write_converted, write_jsonl
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.stages import Stage, register
 from alignflow.stats import FLAWS
@@ -36,19 +38,27 @@ def sources(config: PipelineConfig) -> dict:
     return found | {"eval": (config.eval.data, not free)}
 
 
-def preflight(config: PipelineConfig, device: str) -> dict[str, tuple[str, list[dict]]]:
-    """Every check that needs no model: the stages' own (TRL configs), then every dataset read and
-    validated (all before any is written). Returns name -> (source path, (converted rows, ties dropped))."""
+def preflight(config: PipelineConfig, device: str, into: Path | None = None) -> dict[str, tuple[str, dict]]:
+    """Every check that needs no model: the stages' own (TRL configs), then every dataset read, validated
+    and converted, streaming, into `into/<name>.jsonl` (a temporary directory, removed, when None): all are
+    converted before load_data moves any into place. Returns name -> (source path, stats): rows, ties
+    dropped, flaw counts and the first rows (alignflow.data.write_converted)."""
     stages.check_config(config, device)
+    if into is None:
+        with tempfile.TemporaryDirectory(prefix="alignflow-validate-") as tmp:
+            return preflight(config, device, Path(tmp))
     converted = {}
     for name, (source, require_reference) in sources(config).items():
         path = embedded.resolve(config.embedded, source.path, "data")
+        out = into / f"{name}.jsonl"
         if name == "preference":
-            converted[name] = (path, load_preference_rows(path, split=source.split, limit=source.limit,
-                                                          seed=config.seed))
+            pairs, ties = load_preference_rows(path, split=source.split, limit=source.limit, seed=config.seed)
+            write_jsonl(pairs, out)
+            stats = {"rows": len(pairs), "ties": ties, "flaws": {}, "sample": pairs[:SAMPLE_ROWS]}
         else:
-            converted[name] = (path, (load_rows(path, split=source.split, limit=source.limit,
-                                                require_reference=require_reference), 0))
+            stats = write_converted(path, out, split=source.split, limit=source.limit,
+                                    require_reference=require_reference) | {"ties": 0}
+        converted[name] = (path, stats)
     return converted
 
 
@@ -56,19 +66,26 @@ def preflight(config: PipelineConfig, device: str) -> dict[str, tuple[str, list[
 def load_data(config: PipelineConfig, ctx: RunContext) -> dict[str, DatasetRef]:
     params = {f"{name}.{k}": v for name, (src, _) in sources(config).items() for k, v in flatten(src).items()}
     with stage_run(ctx, "load_data", params) as run_id:
+        data_dir = Path(ctx.output_dir) / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
         refs = {}
-        for name, (path, (rows, ties)) in preflight(config, ctx.device).items():
-            out = write_jsonl(rows, Path(ctx.output_dir) / "data" / f"{name}.jsonl")
-            log_dataset(rows, source=path, name=name, context=name)
-            mlflow.log_artifact(str(out), "data")
-            mlflow.log_metric(f"{name}.rows", len(rows))
-            if name == "preference":  # scored rows whose answers all scored the same: no pair, dropped
-                mlflow.log_metric("preference.ties_dropped", ties)
-            if any(r.get("flaw") for r in rows):  # demonstrations known to be flawed (embedded.flaws), by kind
-                mlflow.log_metrics({f"{name}.flaw_share.{kind}": sum(r.get("flaw") == kind for r in rows) / len(rows)
-                                    for kind in FLAWS})
-            refs[name] = DatasetRef(uri=f"runs:/{run_id}/data/{out.name}", digest=digest_path(out), run_id=run_id,
-                                    local_path=str(out))
+        with tempfile.TemporaryDirectory(dir=data_dir, prefix=".converting-") as staging:
+            checked = preflight(config, ctx.device, Path(staging))
+            for name, (path, stats) in checked.items():
+                out = data_dir / f"{name}.jsonl"
+                os.replace(Path(staging) / out.name, out)
+                digest = digest_path(out)  # streaming, like the conversion
+                log_dataset(stats["sample"], source=path, name=name, context=name, digest=digest)
+                mlflow.log_artifact(str(out), "data")
+                rows = stats["rows"]
+                mlflow.log_metric(f"{name}.rows", rows)
+                if name == "preference":  # scored rows whose answers all scored the same: no pair, dropped
+                    mlflow.log_metric("preference.ties_dropped", stats["ties"])
+                if stats["flaws"]:  # demonstrations known to be flawed (embedded.flaws), by kind
+                    mlflow.log_metrics({f"{name}.flaw_share.{kind}": stats["flaws"].get(kind, 0) / rows
+                                        for kind in FLAWS})
+                refs[name] = DatasetRef(uri=f"runs:/{run_id}/data/{out.name}", digest=digest, run_id=run_id,
+                                        local_path=str(out))
         record_output(refs)
         return refs
 

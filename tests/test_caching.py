@@ -2,6 +2,7 @@
 stage and what follows it, nothing before; nothing stale is served."""
 
 import json
+import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -77,12 +78,22 @@ def test_rerun_reuses_unchanged_stages_and_reruns_from_the_change(prefect_server
     assert not hit(runs3["dpo"]) and not hit(runs3["evaluate"])
     assert runs3["dpo"].data.params["dpo.trainer.beta"] == "0.3"
 
-    # nothing stale: the SFT run that made the cached model is deleted -> SFT runs again
+    # nothing stale: the SFT run that made the cached model is deleted -> SFT runs again; the model its
+    # training left in the stage directory is unchanged (digest), so it is recorded and uploaded again, not retrained
     client.delete_run(runs1["sft"].info.run_id)
     fourth = align(load_config(SMOKE, overrides))
     runs4 = stage_runs(fourth["parent_run_id"])
     assert hit(runs4["select_base"]) and not hit(runs4["sft"])
-    assert runs4["sft"].data.metrics["loss"] > 0
+    assert runs4["sft"].data.tags["alignflow.trained_before"].endswith("/model")
+    assert runs4["sft"].data.metrics["global_step"] == runs1["sft"].data.metrics["global_step"]
+    assert any(a.path == "model" for a in client.list_artifacts(runs4["sft"].info.run_id))
+    # ... and with that model gone too, SFT trains again
+    client.delete_run(runs4["sft"].info.run_id)
+    shutil.rmtree(runs4["sft"].data.tags["alignflow.trained_before"])
+    fifth = align(load_config(SMOKE, overrides))
+    runs5 = stage_runs(fifth["parent_run_id"])
+    assert not hit(runs5["sft"]) and runs5["sft"].data.metrics["loss"] > 0
+    assert "alignflow.trained_before" not in runs5["sft"].data.tags
 
 
 def test_same_path_new_content_is_a_miss(prefect_server, tmp_path, smoke_data):

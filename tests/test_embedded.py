@@ -145,7 +145,7 @@ def test_prompts_without_answers_are_enough_for_the_checker(tmp_path):
     prompts.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r["input"]}) + "\n"
                                for r in make_splits({"p": 12}, seed=1)["p"]))
     config = load_config(SMOKE, [f"sample.prompts.path={prompts}", "rank.ranker=checker"])
-    assert all(r["completion"] == [] for r in preflight(config, "cpu")["prompts"][1][0])
+    assert all(r["completion"] == [] for r in preflight(config, "cpu")["prompts"][1]["sample"])
     from alignflow.data import DataError
 
     with pytest.raises(DataError, match="row 1.*output"):  # the verifier needs them

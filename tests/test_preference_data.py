@@ -89,7 +89,7 @@ def test_preference_data_is_checked_before_any_model_loads_and_its_config_is_con
         preflight(config, "cpu")
     good = write(tmp_path / "good.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     found = preflight(load_config(SMOKE, [f"dpo.data.path={good}"]), "cpu")
-    assert "prompts" not in found and len(found["preference"][1][0]) == 1  # nothing will be sampled
+    assert "prompts" not in found and found["preference"][1]["rows"] == 1  # nothing will be sampled
     assert "prompts" in preflight(load_config(SMOKE, [f"dpo.data.path={good}", "dpo.mix=true"]), "cpu")
     with pytest.raises(ConfigError, match="set dpo.data too"):
         load_config(SMOKE, ["dpo.mix=true"])

@@ -62,22 +62,25 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         client.log_batch(run_id, metrics=items[start:start + 1000])
 
 
-def log_dataset(rows: list[dict], source: str, name: str, context: str) -> None:
-    """Record a dataset input (name, digest, schema, source) on the active run via mlflow.data."""
+def log_dataset(rows: list[dict], source: str, name: str, context: str, digest: str | None = None) -> None:
+    """Record a dataset input (name, digest, schema, source) on the active run via mlflow.data. `digest`:
+    the whole file's, when `rows` are only its first rows (a large dataset is not held in memory)."""
     import json
 
     import pandas as pd
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
+    if digest:  # MLflow keeps 36 characters of a dataset digest (a VARCHAR(36) column on PostgreSQL)
+        digest = digest.removeprefix("sha256:")[:32]
     frame = pd.DataFrame([{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
                           for r in rows])
     if source.startswith("runs:/"):  # MLflow's dataset sources know the store's URI, not runs:/
         source = RunsArtifactRepository.get_underlying_uri(source)
     try:
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
     except MlflowException:  # e.g. a hub dataset name: no resolver; the digest and schema still go in
-        dataset = mlflow.data.from_pandas(frame, name=f"{name} ({source})")
+        dataset = mlflow.data.from_pandas(frame, name=f"{name} ({source})", digest=digest)
     mlflow.log_input(dataset, context=context)
 
 
