@@ -84,16 +84,28 @@ def log_dataset(rows: list[dict], source: str, name: str, context: str, digest: 
     mlflow.log_input(dataset, context=context)
 
 
+class TrackingLost(RuntimeError):
+    """Metric values that could not reach the tracking server, however long the stage waited for it."""
+
+
 class MlflowMetricsCallback(TrainerCallback):
-    """TRL's training metrics into the stage's own run, batched.
+    """TRL's training metrics into the stage's own run, batched: sent every `flush_every` values or
+    `flush_seconds`, whichever comes first, so curves appear while training runs.
 
     Hand-written because transformers' MLflowCallback logs one request per logging step and also
     logs hundreds of TrainingArguments as params; one log_batch is ~50x cheaper than per-value calls.
+    A tracking server that is away (past MLflow's own request retries) loses nothing: the values stay
+    buffered, training goes on, and they are sent when it answers again; at the end of training the
+    callback waits up to `final_wait` seconds for it, then fails the stage naming how many values
+    (and which steps) were not logged (TrackingLost).
     """
 
-    def __init__(self, run_id: str, flush_every: int = 500):
-        self.run_id, self.flush_every, self.buffer = run_id, flush_every, []
+    def __init__(self, run_id: str, flush_every: int = 500, flush_seconds: float = 10, final_wait: float = 600):
+        self.run_id, self.flush_every, self.flush_seconds = run_id, flush_every, flush_seconds
+        self.final_wait = final_wait
+        self.buffer: list[Metric] = []
         self.history: list[dict[str, float]] = []
+        self.last_flush, self.away_since = time.monotonic(), None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:  # launched on several processes: the main one logs
@@ -102,11 +114,41 @@ class MlflowMetricsCallback(TrainerCallback):
         numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         self.history.append({"step": state.global_step, **numeric})
         self.buffer += [Metric(k.replace("@", "_at_"), v, now, state.global_step) for k, v in numeric.items()]
-        if len(self.buffer) >= self.flush_every:
-            self.flush()
+        if len(self.buffer) >= self.flush_every or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.try_flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.flush()
+        if not state.is_world_process_zero:
+            return
+        deadline, wait = time.monotonic() + self.final_wait, 2.0
+        while not self.try_flush():
+            if time.monotonic() > deadline:
+                steps = sorted({m.step for m in self.buffer})
+                raise TrackingLost(f"{len(self.buffer)} metric values of run {self.run_id} (steps {steps[0]}-"
+                                   f"{steps[-1]}) could not be logged: the tracking server did not answer for "
+                                   f"{self.final_wait:.0f} s after training ended")
+            time.sleep(min(wait, max(deadline - time.monotonic(), 0)))  # backing off while the server is away
+            wait = min(wait * 2, 30)
+
+    def try_flush(self) -> bool:
+        """Send what is buffered; False (the values kept) when the tracking server cannot be reached."""
+        import logging
+
+        self.last_flush = time.monotonic()
+        try:
+            self.flush()
+        except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException or requests' errors here
+            if self.away_since is None:
+                self.away_since = time.monotonic()
+                logging.getLogger("alignflow").warning(
+                    "tracking server unreachable (%s): %d metric values kept, sent when it answers again",
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__, len(self.buffer))
+            return False
+        if self.away_since is not None:
+            logging.getLogger("alignflow").warning("tracking server back after %.0f s: buffered metrics sent",
+                                                   time.monotonic() - self.away_since)
+            self.away_since = None
+        return True
 
     def flush(self) -> None:
         client = MlflowClient()
