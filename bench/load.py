@@ -42,7 +42,10 @@ else:
     rows = len(converted)
 digest = digest_path(out)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+# VmHWM: this process image's own peak (getrusage's ru_maxrss survives exec: a big parent's peak shows through)
+status = Path("/proc/self/status")
+hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.exists() else []
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({{"rows": rows, "seconds": seconds, "peak_rss_mb": peak, "digest": digest}}))
 """
 
