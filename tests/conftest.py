@@ -138,12 +138,26 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on loopback: SQLite backend store, artifacts served over HTTP (--serve-artifacts)."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    server = Server("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                               "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
-                    f"http://127.0.0.1:{port}/health", root)
+    server = start_mlflow(root, port)
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def start_mlflow(root: Path, port: int) -> Server:
+    """`mlflow server` on 127.0.0.1:`port`, its SQLite store and artifacts under `root` (started again on
+    the same root and port, it serves the same runs)."""
+    return Server("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
+                  f"http://127.0.0.1:{port}/health", root)
+
+
+def start_prefect(root: Path, port: int) -> Server:
+    """`prefect server start` on 127.0.0.1:`port`, its home and SQLite database under `root`."""
+    env = {"PREFECT_HOME": str(root / "home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}"}
+    return Server("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  f"http://127.0.0.1:{port}/api/health", root, env)
 
 
 @pytest.fixture(scope="session")
@@ -151,10 +165,7 @@ def prefect_api(tmp_path_factory):
     """`prefect server start` on loopback with its own home and SQLite database; yields its API URL."""
     root = tmp_path_factory.mktemp("prefect_server")
     port = free_port()
-    env = {"PREFECT_HOME": str(root / "home"),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}"}
-    server = Server("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    f"http://127.0.0.1:{port}/api/health", root, env)
+    server = start_prefect(root, port)
     yield f"http://127.0.0.1:{port}/api"
     server.stop()
 

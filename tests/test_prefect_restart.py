@@ -10,24 +10,17 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, SMOKE, Server, free_port, stop_tree
+from tests.conftest import BIN, SMOKE, free_port, start_prefect, stop_tree
 
 pytestmark = pytest.mark.slow
 LONG_SFT = ["sft.trainer.num_train_epochs=20", "sft.checkpoint_steps=25", "dpo.trainer.num_train_epochs=0.2",
             "eval.pass_k=0", "registry.enabled=false"]
 
 
-def prefect_server(root, port) -> Server:
-    env = {"PREFECT_HOME": str(root / "home"),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}"}
-    return Server("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                  f"http://127.0.0.1:{port}/api/health", root, env)
-
-
 def test_prefect_server_restarted_mid_run_then_the_rerun_uses_the_cache(mlflow_server, tmp_path):
     root, port = tmp_path / "prefect", free_port()
     root.mkdir()
-    servers = [prefect_server(root, port)]
+    servers = [start_prefect(root, port)]
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "MLFLOW_TRACKING_URI": mlflow_server,
            "PREFECT_HOME": str(tmp_path / "prefect_home")}
     cmd = [str(BIN / "alignflow"), "run", str(SMOKE), f"output_dir={tmp_path / 'out'}", "experiment=restart",
@@ -42,7 +35,7 @@ def test_prefect_server_restarted_mid_run_then_the_rerun_uses_the_cache(mlflow_s
             assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         servers[0].stop()
-        servers.append(prefect_server(root, port))  # the same port and database
+        servers.append(start_prefect(root, port))  # the same port and database
         first_code = first.wait(timeout=900)
         second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / "second.log", "w"),
                                   stderr=subprocess.STDOUT)

@@ -12,18 +12,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, SMOKE, Server, free_port, stop_tree
+from tests.conftest import BIN, SMOKE, free_port, start_mlflow, stop_tree
 
 pytestmark = pytest.mark.slow
 LONG_SFT = ["sft.trainer.num_train_epochs=30", "sft.trainer.logging_steps=2", "sft.checkpoint_steps=0",
             "dpo.trainer.num_train_epochs=0.2", "eval.pass_k=0", "registry.enabled=false"]
-
-
-def mlflow_server(root, port) -> Server:
-    return Server("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
-                  f"http://127.0.0.1:{port}/health", root)
 
 
 def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 300, every: float = 0.5):
@@ -41,7 +34,7 @@ def test_tracking_server_killed_mid_training_loses_no_metric(prefect_api, tmp_pa
     root, port = tmp_path / "mlflow", free_port()
     root.mkdir()
     uri = f"http://127.0.0.1:{port}"
-    servers = [mlflow_server(root, port)]
+    servers = [start_mlflow(root, port)]
     log = tmp_path / "flow.log"
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": uri,
            "PREFECT_HOME": str(tmp_path / "prefect_home"), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -60,7 +53,7 @@ def test_tracking_server_killed_mid_training_loses_no_metric(prefect_api, tmp_pa
         servers[0].stop()  # SIGTERM, then SIGKILL of its process group: the server is gone mid-training
         wait_until(lambda: "tracking server unreachable" in log.read_text(), proc,
                    "the training process found the tracking server away")
-        servers.append(mlflow_server(root, port))  # back, on the same port and store
+        servers.append(start_mlflow(root, port))  # back, on the same port and store
         code = proc.wait(timeout=900)
         text = log.read_text()
         assert code == 0, text[-3000:]
