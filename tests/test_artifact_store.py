@@ -34,7 +34,8 @@ def read_only(folder: Path):
         pytest.skip("running as root without chattr: no way to make a directory unwritable here")
     made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
     if made.returncode != 0:
-        pytest.skip("chattr +i refused (no CAP_LINUX_IMMUTABLE here): " + made.stderr.strip())
+        print("chattr +i:", made.stderr.strip())  # in the test's captured output
+        pytest.skip("chattr +i refused here (root needs CAP_LINUX_IMMUTABLE to make a directory unwritable)")
     try:
         yield
     finally:
