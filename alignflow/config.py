@@ -212,6 +212,17 @@ class SFTSection(TrainerSection):
     data: DataSource
 
 
+class WatchSection(Section):
+    """What every preference stage watches while it trains (alignflow.health.preference_watch): a warning in
+    the log, the stage's run (`alignflow.warnings`) and the report when a limit is passed. The defaults are
+    not tripped by the shipped configs' healthy runs (docs/results.md), so a warning means something."""
+
+    # nats per token the chosen answers' log-prob may fall from the first to the last quarter of training
+    max_chosen_logp_drop: float = Field(default=1.0, ge=0)
+    # the chosen answers' mean length (words) over the rejected answers': above it, the preference may be length
+    max_length_ratio: float = Field(default=1.5, gt=1)
+
+
 class DPOSection(TrainerSection):
     """Preference tuning. `rounds: k` repeats sample -> rank -> DPO from the latest policy (iterative
     DPO); `baselines` train the same way on the same pairs for comparison: `rft` (SFT on the chosen
@@ -225,6 +236,7 @@ class DPOSection(TrainerSection):
     # trains on it after SFT and sampling and ranking are skipped; with `mix: true` it joins the on-policy pairs.
     data: DataSource | None = None
     mix: bool = False
+    watch: WatchSection = WatchSection()  # for every preference stage: dpo, its baselines, each round
 
     @model_validator(mode="after")
     def _offline_has_one_round(self) -> DPOSection:
@@ -289,14 +301,22 @@ class EvalSection(Section):
 
 
 class RegistrySection(Section):
-    """MLflow Model Registry: SFT and DPO models are registered; each new DPO model is `challenger`,
-    and `champion` moves to it only if the lower bound of the 95% bootstrap interval of its held-out
-    accuracy minus the champion's (same prompts, paired) is above `min_gain`."""
+    """MLflow Model Registry: SFT and DPO models are registered; each new DPO model is `challenger`.
+    It is refused (never champion, the first one included) when it is worse than its own SFT model or
+    degenerate next to it (alignflow.health.promotion_refusals, limits below); otherwise `champion` moves
+    to it only if the lower bound of the 95% bootstrap interval of its held-out accuracy minus the
+    champion's (same prompts, paired) is above `min_gain`."""
 
     enabled: bool = True
     sft_model: str | None = None  # registered model names; default <experiment>-sft / <experiment>-dpo
     dpo_model: str | None = None
     min_gain: float = Field(default=0.0, ge=0)
+    # refused when the whole 95% paired interval of (accuracy - SFT's) lies below -max_loss_vs_sft (without
+    # reference answers: the win rate's interval against SFT below 0.5 - max_loss_vs_sft)
+    max_loss_vs_sft: float = Field(default=0.0, ge=0, le=1)
+    max_eos_rate_drop: float = Field(default=0.25, ge=0, le=1)  # EOS rate below SFT's by more: answers that never end
+    max_repetition_rise: float = Field(default=0.25, ge=0, le=1)  # share of repetitive answers above SFT's by more
+    max_length_ratio: float = Field(default=1.5, gt=1)  # mean answer length (tokens) over SFT's
 
 
 class PipelineConfig(Section):

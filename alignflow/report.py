@@ -113,18 +113,29 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                 "intervals are 95% bootstrap over eval prompts."]
 
     header = ["model", "accuracy", "95% CI"] + ([pk.replace("_at_", "@")] if pk else []) + [
-        "mean reward", "EOS rate", "mean words", "win rate vs SFT [95% CI]", "LC win rate", "Δ acc vs SFT [95% CI]"]
+        "mean reward", "EOS rate (vs SFT)", "mean tokens (× SFT)", "repetition rate (vs SFT)", "mean words",
+        "win rate vs SFT [95% CI]", "LC win rate", "Δ acc vs SFT [95% CI]"]
     rows = []
     for name in models:
         delta = get(f"{name}.delta_vs_sft")
+        change = lambda key: "" if get(key) is None else f" ({get(key):+.3f})"  # noqa: E731
+        ratio = get(f"{name}.length_ratio_vs_sft")
         rows.append([f"**{name}**", _fmt(get(f"{name}.accuracy")),
                      f"[{_fmt(get(f'{name}.accuracy_ci95_low'))}, {_fmt(get(f'{name}.accuracy_ci95_high'))}]"]
                     + ([_fmt(get(f"{name}.{pk}"))] if pk else [])
-                    + [_fmt(get(f"{name}.mean_reward")), _fmt(get(f"{name}.eos_rate")), _fmt(get(f"{name}.mean_words"), 2),
+                    + [_fmt(get(f"{name}.mean_reward")),
+                       _fmt(get(f"{name}.eos_rate")) + change(f"{name}.eos_rate_change_vs_sft"),
+                       _fmt(get(f"{name}.mean_tokens"), 1) + ("" if ratio is None else f" ({ratio:.2f}×)"),
+                       _fmt(get(f"{name}.repetition_rate")) + change(f"{name}.repetition_rate_change_vs_sft"),
+                       _fmt(get(f"{name}.mean_words"), 2),
                        _with_ci(get, f"{name}.win_rate_vs_sft"), _fmt(get(f"{name}.lc_win_rate_vs_sft")),
                        "–" if delta is None else f"{delta:+.3f} [{_fmt(get(f'{name}.delta_vs_sft_ci95_low'))}, "
                                                  f"{_fmt(get(f'{name}.delta_vs_sft_ci95_high'))}]"])
-    sections += ["## Models", _md_table(header, rows)]
+    sections += ["## Models", _md_table(header, rows),
+                 "Repetition rate: the share of answers that repeat themselves (seq-rep over character 8-grams, "
+                 "shorter ones for short answers, ≥ 0.5: alignflow.health.repetition); EOS rate: the share that "
+                 "ended on their own; mean tokens: answer length in the model's own tokens."]
+    sections += promotion_section(rec) + warning_section(rec)
     sections += ["## Stage runs", _md_table(["stage", "MLflow run", "status", "seconds", "cached"], stage_rows(rec))]
     if rec.cached:
         sections.append("Reused from earlier runs (config, input digests and code unchanged): " + ", ".join(
@@ -183,18 +194,6 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     if curves:
         sections += ["## Training curves", *curves]
 
-    if "promotion.promoted" in m:
-        p = {k.removeprefix("promotion."): v for k, v in m.items() if k.startswith("promotion.")}
-        decision = rec.parent.data.tags.get("alignflow.promotion", "?")
-        line = (f"**{decision}**: challenger v{int(p['challenger_version'])}, champion now "
-                f"v{int(p['champion_version'])} (MLflow Model Registry; SFT model v{int(p.get('sft_version', 0))}).")
-        if "delta" in p:
-            line += (f" Challenger {_fmt(p['challenger_accuracy'])} vs champion v{int(p['previous_champion_version'])} "
-                     f"{_fmt(p['champion_accuracy'])} on these eval prompts: Δ {p['delta']:+.3f} "
-                     f"[{_fmt(p['delta_ci95_low'])}, {_fmt(p['delta_ci95_high'])}]; the champion moves only if "
-                     "the interval's lower bound is above the configured minimum gain.")
-        sections += ["## Promotion", line]
-
     results = _eval_results(rec)
     if results and results.get("examples"):
         shown = [n for n in models if n in results["examples"][0]["answers"]]
@@ -237,6 +236,55 @@ def flaw_section(rec: RunRecords, models: list[str], tasks: list[str], plot: Pat
                                   for key in ["accuracy", *(f"flaw_{k}" for k in FLAWS)])] for t in tasks]))
     _plot_flaws(m, [n for n in models if f"{n}.flaw_wrong" in m], plot)
     lines.append(f"![answers by flaw]({plot.name})")
+    return lines
+
+
+def promotion_section(rec: RunRecords) -> list[str]:
+    """The registry's decision: promoted, kept, or refused with its reasons (right under the model table,
+    since a refused model is what a reader must see first)."""
+    m = rec.metrics
+    if "promotion.promoted" not in m:
+        return []
+    p = {k.removeprefix("promotion."): v for k, v in m.items() if k.startswith("promotion.")}
+    decision = rec.parent.data.tags.get("alignflow.promotion", "?")
+    champion = f"v{int(p['champion_version'])}" if "champion_version" in p else "none yet"
+    line = (f"**{decision}**: challenger v{int(p['challenger_version'])}, champion {champion} "
+            f"(MLflow Model Registry; SFT model v{int(p.get('sft_version', 0))}).")
+    reason = rec.parent.data.tags.get("alignflow.promotion_reason")
+    if reason:
+        line += " Refused, judged against its own SFT model on these eval prompts: " + "; ".join(
+            f"**{r}**" for r in reason.split("\n")) + "."
+    if "delta" in p:
+        line += (f" Challenger {_fmt(p['challenger_accuracy'])} vs champion v{int(p['previous_champion_version'])} "
+                 f"{_fmt(p['champion_accuracy'])} on these eval prompts: Δ {p['delta']:+.3f} "
+                 f"[{_fmt(p['delta_ci95_low'])}, {_fmt(p['delta_ci95_high'])}]; the champion moves only if "
+                 "the interval's lower bound is above the configured minimum gain.")
+    return ["## Promotion", line]
+
+
+def warning_section(rec: RunRecords) -> list[str]:
+    """What the preference stages' watch (alignflow.health.preference_watch) warned of, stage by stage, with
+    the numbers behind it: chosen/rejected log-prob trends and the pairs' length gap."""
+    watched = {name: run for name, run in rec.stages.items() if "watch.warnings" in run.data.metrics}
+    if not watched:
+        return []
+    rows = []
+    for name, run in watched.items():
+        wm = run.data.metrics
+        rows.append([name, _fmt(wm.get("watch.chosen_logp_start"), 2) + " → " + _fmt(wm.get("watch.chosen_logp_end"), 2),
+                     _fmt(wm.get("watch.rejected_logp_start"), 2) + " → " + _fmt(wm.get("watch.rejected_logp_end"), 2),
+                     _fmt(wm.get("watch.chosen_logp_change_per_token")), _fmt(wm.get("watch.length_ratio"), 2),
+                     int(wm["watch.warnings"])])
+    lines = ["## Preference training watch",
+             "The policy's log-prob of the chosen and rejected answers (TRL's `logps/*`, summed over an answer's "
+             "tokens; first → last quarter of training), the chosen log-prob's change per token, and the chosen "
+             "answers' mean length over the rejected ones'.",
+             _md_table(["stage", "chosen log-prob", "rejected log-prob", "chosen Δ per token", "length ratio",
+                        "warnings"], rows)]
+    for name, run in watched.items():
+        text = run.data.tags.get("alignflow.warnings")
+        if text:
+            lines += [f"⚠ **{name}**: {w}" for w in text.split("\n")]
     return lines
 
 

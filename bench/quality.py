@@ -101,6 +101,15 @@ def config_section(name: str, rows: list[dict]) -> list[str]:
         out += [f"| {m} | {f3(mean(rows, f'{m}.accuracy'))} | "
                 + " | ".join(f3(mean(rows, f"{m}.flaw_{k}")) for k in FLAWS) + f" | {f3(mean(rows, f'{m}.eos_rate'))} |"
                 for m in models]
+    if all(f"{m}.repetition_rate" in rows[0] for m in models):
+        change = lambda m, key: f" ({mean(rows, f'{m}.{key}'):+.3f})" if f"{m}.{key}" in rows[0] else ""  # noqa: E731
+        ratio = lambda m: f" ({mean(rows, f'{m}.length_ratio_vs_sft'):.2f}×)" if f"{m}.length_ratio_vs_sft" in rows[0] \
+            else ""  # noqa: E731
+        out += ["", f"### {name}: length, repetition and EOS (mean over seeds; in brackets against SFT)", "",
+                "| model | mean tokens | mean words | repetition rate | EOS rate |", "|---|---|---|---|---|"]
+        out += [f"| {m} | {mean(rows, f'{m}.mean_tokens'):.1f}{ratio(m)} | {mean(rows, f'{m}.mean_words'):.2f} | "
+                f"{f3(mean(rows, f'{m}.repetition_rate'))}{change(m, 'repetition_rate_change_vs_sft')} | "
+                f"{f3(mean(rows, f'{m}.eos_rate'))}{change(m, 'eos_rate_change_vs_sft')} |" for m in models]
     return out
 
 

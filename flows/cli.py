@@ -23,14 +23,30 @@ from pathlib import Path
 
 
 def _table(results: dict) -> str:
-    lines = [f"{'model':<11} {'accuracy':>9} {'95% CI':>15} {'pass@k':>7} {'mean reward':>12} {'eos rate':>9}"]
+    """The model table: accuracy beside what degenerate preference tuning shows (EOS rate, length in tokens,
+    repetition rate), each preference-trained model's change against SFT in brackets."""
+    lines = [f"{'model':<11} {'accuracy':>9} {'95% CI':>15} {'pass@k':>7} {'mean reward':>12} {'EOS rate':>16} "
+             f"{'tokens':>15} {'repetition':>16}"]
+    nan = float("nan")
     for stage, m in results["metrics"].items():
         passes = [v for k, v in m.items() if k.startswith("pass_at_") and "." not in k]
-        nan = float("nan")
         ci = f"[{m.get('accuracy_ci95_low', nan):.3f}, {m.get('accuracy_ci95_high', nan):.3f}]"
+        change = lambda key, fmt: f" ({m[key]:{fmt}})" if key in m else ""  # noqa: E731
+        eos = f"{m['eos_rate']:.3f}{change('eos_rate_change_vs_sft', '+.3f')}"
+        tokens = f"{m.get('mean_tokens', nan):.1f}" + (f" ({m['length_ratio_vs_sft']:.2f}x)"
+                                                        if "length_ratio_vs_sft" in m else "")
+        rep = f"{m.get('repetition_rate', nan):.3f}{change('repetition_rate_change_vs_sft', '+.3f')}"
         lines.append(f"{stage:<11} {m.get('accuracy', nan):>9.3f} {ci:>15} {passes[0] if passes else nan:>7.3f} "
-                     f"{m.get('mean_reward', nan):>12.3f} {m['eos_rate']:>9.3f}")
+                     f"{m.get('mean_reward', nan):>12.3f} {eos:>16} {tokens:>15} {rep:>16}")
+    lines.append("(in brackets: the change against the SFT model)")
+    if results.get("promotion"):
+        lines.append(_promotion(results["promotion"]))
     return "\n".join(lines)
+
+
+def _promotion(decision: dict) -> str:
+    line = f"promotion: {decision['decision']} ({decision['model']} v{decision['challenger_version']})"
+    return "\n".join([line, *(f"  refused: {reason}" for reason in decision.get("reasons", []))])
 
 
 def _examples(examples: list[dict]) -> str:
@@ -184,8 +200,12 @@ def _stage_command(args) -> int:
     except (ConfigError, DataError, LookupError, DigestMismatch, MlflowException) as err:
         print(f"alignflow stage {args.name}: {err}", file=sys.stderr)
         return 2
-    print(_table(result) if "metrics" in result else f"{args.name}: {result['output']['uri']} "
-          f"({result['output']['digest'][:19]})")
+    if "metrics" in result:
+        print(_table(result))
+    elif "decision" in result:
+        print(_promotion(result))
+    else:
+        print(f"{args.name}: {result['output']['uri']} ({result['output']['digest'][:19]})")
     print(f"MLflow parent run: {result['parent_run_id']} (rerun of {args.from_run})")
     return 0
 
@@ -232,6 +252,12 @@ def _deploy_command(args) -> int:
         print(f"alignflow {args.command}: {err}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        try:
+            url = deploy.require_scheduler()
+        except deploy.NoScheduler as err:
+            print(f"alignflow serve: {err}", file=sys.stderr)
+            return 2
+        print(f"serving on the Prefect server at {url}: its scheduler creates the scheduled runs", flush=True)
         deploy.serve(spec)
         return 0
     try:

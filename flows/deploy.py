@@ -149,6 +149,37 @@ def deploy(spec: Deployments, pool: str, job_variables: dict | None = None, sour
     return [str(i) for i in ids]
 
 
+class NoScheduler(RuntimeError):
+    """`serve` was asked to run schedules where nothing would fire them."""
+
+
+SERVER_HELP = ("start one in another terminal, `prefect server start` (its scheduler creates the scheduled runs), "
+               "then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and run this again")
+
+
+def require_scheduler() -> str:
+    """The Prefect API URL of a running server, or NoScheduler naming what to start. Without PREFECT_API_URL,
+    Prefect serves from a temporary in-process server that runs no scheduler: `serve` would say it is
+    polling for scheduled runs, and none would ever be created."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise NoScheduler("no Prefect server is configured (PREFECT_API_URL is unset), and Prefect's temporary "
+                          f"server runs no scheduler: scheduled runs would never start; {SERVER_HELP}")
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10)
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            raise NoScheduler(f"the Prefect server at {url} answers {err.code}; {SERVER_HELP}") from None
+    except OSError as err:
+        raise NoScheduler(f"no Prefect server answers at PREFECT_API_URL={url} ({err}); {SERVER_HELP}") from None
+    return url
+
+
 def serve(spec: Deployments) -> None:
     """Serve the deployments from this process (schedules included) until interrupted."""
     import os

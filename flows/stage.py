@@ -46,15 +46,31 @@ class SourceRun:
         while (source := self.chain[-1].data.tags.get("alignflow.rerun_of")) and len(self.chain) < 50:
             self.chain.append(client.get_run(source))
 
-    def outputs(self, stage_run_name: str) -> dict | None:
+    def finished(self, stage_run_name: str, has_tag: str | None = None) -> Run | None:
+        """The newest finished stage run of that name in the chain (with the tag, if one is named)."""
         for run in self.chain:
             children = self.client.search_runs(
                 [run.info.experiment_id],
                 f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = '{stage_run_name}' "
                 "and attributes.status = 'FINISHED'", max_results=1)
-            if children and "alignflow.output" in children[0].data.tags:
-                return json.loads(children[0].data.tags["alignflow.output"])
+            if children and (has_tag is None or has_tag in children[0].data.tags):
+                return children[0]
         return None
+
+    def outputs(self, stage_run_name: str) -> dict | None:
+        child = self.finished(stage_run_name, "alignflow.output")
+        return json.loads(child.data.tags["alignflow.output"]) if child else None
+
+    def evaluation(self) -> dict:
+        """The evaluation's results (`eval_results.json` of the evaluate run, or of the run a cache hit
+        reused): what promotion decides on."""
+        import mlflow
+
+        child = self.finished("evaluate")
+        if child is None:
+            raise LookupError(f"flow run {self.run.info.run_id} has no finished `evaluate` stage")
+        source = child.data.tags.get("alignflow.cache_source_run") or child.info.run_id
+        return mlflow.artifacts.load_dict(f"runs:/{source}/eval_results.json")
 
     def ref(self, stage_run_name: str, key: str | None = None) -> ArtifactRef:
         out = self.outputs(stage_run_name)
@@ -71,6 +87,8 @@ class SourceRun:
             labels = stages.evaluated()
             return {label: self.ref(name) for label, name in labels.items()
                     if label in ("base", "sft") or self.outputs(name) is not None}
+        if source == "evaluate":  # results, not a reference: read back from the run's eval_results.json
+            return self.evaluation()
         stage, _, key = source.partition(".")
         return self.ref(stage, key or None)
 

@@ -76,6 +76,34 @@ def fit_rows(job, overlength: str, tokenizer):
     return dataclasses.replace(job, rows=str(fitted))
 
 
+def watch_preference(job, limits, tokenizer) -> list[str]:
+    """After a preference stage trained: the trend of the chosen and rejected answers' log-probs (TRL's logged
+    `logps/*`, read back from the stage's run: the same whether it trained here or launched) and the length gap
+    of its pairs (alignflow.health.preference_watch). Metrics `watch.*` on the stage's run; each warning in the
+    log (Prefect's) and the run's `alignflow.warnings` tag, which the report shows. Returns the warnings."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from alignflow.data import read_jsonl
+    from alignflow.health import preference_watch
+    from alignflow.tracking import log_metrics
+
+    client = MlflowClient()
+    series = {side: [m.value for m in sorted(client.get_metric_history(job.run_id, f"logps/{side}"),
+                                             key=lambda m: m.step)] for side in ("chosen", "rejected")}
+    pairs = read_jsonl(job.rows)
+    answer = lambda c: " ".join(m["content"] for m in c) if isinstance(c, list) else str(c)  # noqa: E731
+    chosen_tokens = float(np.mean([len(tokenizer(answer(p["chosen"]), add_special_tokens=False)["input_ids"])
+                                   for p in pairs])) if pairs else None
+    metrics, warnings = preference_watch(series["chosen"], series["rejected"], pairs, chosen_tokens, limits)
+    log_metrics(job.run_id, metrics)
+    if warnings:
+        client.set_tag(job.run_id, "alignflow.warnings", "\n".join(warnings))
+        for warning in warnings:
+            stage_logger().warning("%s: %s", job.stage, warning)
+    return warnings
+
+
 def train_and_save(job, section, tokenizer, source: ModelRef) -> ModelRef:
     """Train as `job` says, in this process or launched (alignflow.launch), then log the saved model (weights
     or adapter, safetensors, with its tokenizer and chat template) to the stage's run and return its
@@ -91,6 +119,8 @@ def train_and_save(job, section, tokenizer, source: ModelRef) -> ModelRef:
 
     job = fit_rows(job, section.overlength, tokenizer)
     run_training(job, section.launch, stage_logger())
+    if job.trainer in ("dpo", "rft"):  # a preference stage: what DPO's users watch
+        watch_preference(job, section.watch, tokenizer)
     if job.lora and job.merge_adapter:
         mlflow.set_tag("alignflow.lora_merged", "true")
     model_dir = Path(job.model_dir)

@@ -2,7 +2,8 @@
 
 Per model: greedy accuracy overall and per task type with a 95% bootstrap interval over prompts,
 mean reward (by the rank stage's ranker when it scores one answer alone, named in the `eval.reward_by`
-param), response length, EOS rate, the share of answers with each flaw (wrong value, verbose, run-on:
+param), response length (words, tokens), EOS rate, repetition rate (alignflow.health: what degenerate
+preference tuning shows first; for each preference-trained model also against its SFT model), the share of answers with each flaw (wrong value, verbose, run-on:
 alignflow.stats.flaw_of) overall and per task type, pass@k (k sampled answers, any correct) overall and
 per task type, and against the SFT model the win rate with its bootstrap interval and the
 length-controlled win rate (judged by `eval.win_rate_by`: the verifier, or the ranker, pointwise by
@@ -28,6 +29,7 @@ from prefect.cache_policies import NONE
 from alignflow.config import EvalSection, RankSection
 from alignflow.data import read_jsonl
 from alignflow.generation import answer
+from alignflow.health import answer_health, versus_sft
 from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stages import MODELS, Stage, register
@@ -95,7 +97,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             texts = [a["text"] for a in answers]
             given[name] = answers
             metrics = {"eos_rate": sum(a["ended"] for a in answers) / len(rows),
-                       "mean_words": sum(len(t.split()) for t in texts) / len(rows)}
+                       "mean_words": sum(len(t.split()) for t in texts) / len(rows), **answer_health(answers)}
             if scorer is not None and scorer.pointwise:  # a pairwise judge gives no reward to one answer alone
                 rewards = scorer.score(prompts, texts, references)
                 metrics["mean_reward"] = sum(rewards) / len(rows)
@@ -110,9 +112,11 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                 if sampled is not None:
                     metrics |= pass_at_k(rows, sampled, cfg.pass_k)
             results["metrics"][name] = metrics
-            logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f", name, metrics.get("accuracy", float("nan")),
+            logger.info("%s: accuracy %.3f [%.3f, %.3f], mean reward %.3f, EOS rate %.3f, %.1f tokens, repetition "
+                        "rate %.3f", name, metrics.get("accuracy", float("nan")),
                         metrics.get("accuracy_ci95_low", float("nan")), metrics.get("accuracy_ci95_high", float("nan")),
-                        metrics.get("mean_reward", float("nan")))
+                        metrics.get("mean_reward", float("nan")), metrics["eos_rate"], metrics["mean_tokens"],
+                        metrics["repetition_rate"])
             for i, (row, a, flaw) in enumerate(list(zip(rows, answers, flaws))[: cfg.samples_logged]):
                 samples["model"].append(name)
                 samples["prompt"].append(row["prompt"][-1]["content"])
@@ -130,6 +134,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                         judge.compare(prompts, texts, sft_texts, references)
                     results["metrics"][name] |= versus(correct.get(name), correct.get("sft"), outcomes,
                                                        cfg.bootstrap, ctx.seed, length_diff=lengths)
+                    results["metrics"][name] |= versus_sft(results["metrics"][name], results["metrics"]["sft"])
         if scorer is not None:
             log_metrics(run_id, scorer.stats())
             scorer.close()

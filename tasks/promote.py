@@ -1,11 +1,17 @@
 """Stage 7: register the SFT and DPO models in the MLflow Model Registry and decide on promotion.
 
-The new DPO model takes the alias `challenger`. `champion` moves to it only if, on this run's
-held-out prompts with greedy decoding, the lower bound of the 95% paired-bootstrap interval of
-(challenger accuracy - champion accuracy) is above `registry.min_gain`; the champion is evaluated
-here on the same prompts, so a changed eval set cannot favour either. The first DPO model of a
-registered name becomes champion. The decision and its numbers go to this stage's run, the
-parent run (`promotion.*` metrics, `alignflow.promotion` tag) and the run report.
+    alignflow stage promote --from-run RUN_ID      # decide again on a run's (or a rerun's) evaluation
+
+The new DPO model takes the alias `challenger`. It is **refused** when, on the evaluation's held-out
+prompts, it is worse than its own SFT model or degenerate next to it (alignflow.health.promotion_refusals:
+accuracy or win-rate interval, EOS rate, repetition rate, answer length, against `registry.*` limits); a
+refused model is registered but never champion, the first of a registered name included. Otherwise
+`champion` moves to it only if the lower bound of the 95% paired-bootstrap interval of (challenger
+accuracy - champion accuracy) is above `registry.min_gain`; the champion is evaluated here on the same
+prompts, so a changed eval set cannot favour either. The first unrefused DPO model of a name becomes
+champion. The decision, its reasons and numbers go to this stage's run, the parent run (`promotion.*`
+metrics, `alignflow.promotion` and `alignflow.promotion_reason` tags), the challenger's model-version tags
+and the run report.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from prefect.cache_policies import NONE
 from alignflow.config import EvalSection, RegistrySection
 from alignflow.data import read_jsonl
 from alignflow.generation import answer
+from alignflow.health import promotion_refusals
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.registry import alias_version, register, version_model_dir
 from alignflow.stages import Stage
@@ -34,10 +41,12 @@ def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:
 @task(name="promote", cache_policy=NONE)
 def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_model: ModelRef, data: DatasetRef,
             eval_cfg: EvalSection, evaluation: dict, ctx: RunContext) -> dict:
-    """`evaluation`: the evaluate stage's results, whose per-prompt correctness of `dpo` is the challenger's."""
+    """`evaluation`: the evaluate stage's results, whose metrics of `dpo` and `sft` decide whether the challenger
+    is refused, and whose per-prompt correctness of `dpo` is compared with the champion's."""
     from mlflow.tracking import MlflowClient
 
-    challenger_correct = evaluation["correct"].get("dpo")  # absent: the eval prompts have no reference answers
+    challenger_correct = evaluation.get("correct", {}).get("dpo")  # absent: the eval prompts have no references
+    refusals = promotion_refusals(evaluation["metrics"]["dpo"], evaluation["metrics"].get("sft"), cfg)
     logger = stage_logger()
     sft_name, dpo_name = registry_names(cfg, experiment)
     client = MlflowClient()
@@ -50,7 +59,12 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
         client.set_registered_model_alias(dpo_name, "challenger", challenger.version)
         decision = {"model": dpo_name, "challenger_version": int(challenger.version),
                     "sft_model": sft_name, "sft_version": int(sft_version.version)}
-        if challenger_correct is None and champion is not None:
+        if refusals:
+            promoted = False
+            decision |= {"decision": "refused", "reasons": refusals}
+            if champion is not None:
+                decision["champion_version"] = int(champion.version)
+        elif challenger_correct is None and champion is not None:
             promoted = False
             decision |= {"decision": "kept champion (no reference answers to compare accuracy on)",
                          "champion_version": int(champion.version)}
@@ -79,9 +93,16 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
         numbers["promotion.promoted"] = float(promoted)
         log_metrics(run_id, numbers)
         log_metrics(ctx.parent_run_id, numbers)
-        mlflow.set_tag("alignflow.promotion", decision["decision"])
-        MlflowClient().set_tag(ctx.parent_run_id, "alignflow.promotion", decision["decision"])
-        client.set_model_version_tag(dpo_name, challenger.version, "alignflow.promotion", decision["decision"])
+        tags = {"alignflow.promotion": decision["decision"]}
+        if refusals:
+            tags["alignflow.promotion_reason"] = "\n".join(refusals)
+        for key, value in tags.items():
+            mlflow.set_tag(key, value)
+            client.set_tag(ctx.parent_run_id, key, value)
+            client.set_model_version_tag(dpo_name, challenger.version, key, value)
+        if refusals:
+            logger.warning("promotion: %s v%s refused, not champion: %s", dpo_name, challenger.version,
+                           "; ".join(refusals))
         logger.info("promotion: %s (%s v%s)%s", decision["decision"], dpo_name, challenger.version,
                     f", delta {decision['delta']:+.3f} [{decision['delta_ci95_low']:.3f}, "
                     f"{decision['delta_ci95_high']:.3f}] vs v{decision['previous_champion_version']}"
@@ -93,6 +114,7 @@ register_stage(Stage(name="promote", task=promote,
                      config={"cfg": "registry", "experiment": "experiment", "eval_cfg": "eval"},
                      inputs={"sft_model": "sft", "dpo_model": "dpo", "data": "load_data.eval",
                              "evaluation": "evaluate"},
-                     cache=False, rerun=False,  # the registry's state changes between runs
+                     cache=False,  # the registry's state changes between runs
                      enabled=lambda config: config.registry.enabled,
-                     describe="register SFT and DPO models; move `champion` only on a significant gain"))
+                     describe="register SFT and DPO models; refuse a DPO model worse than its SFT model or "
+                              "degenerate; move `champion` only on a significant gain"))

@@ -16,9 +16,21 @@ from tests.test_stages import base_ref, dataset_ref
 pytestmark = pytest.mark.slow
 
 
-def evaluated(correct: list[float]) -> dict:
-    """An evaluation's results as promote reads them: the challenger's per-prompt correctness."""
-    return {"correct": {"dpo": correct}}
+HEALTHY = {"eos_rate": 1.0, "mean_tokens": 4.0, "repetition_rate": 0.0}
+
+
+def evaluated(correct: list[float], dpo: dict | None = None) -> dict:
+    """An evaluation's results as promote reads them: the challenger's per-prompt correctness, and the
+    metrics of the challenger and its SFT model (healthy unless given)."""
+    return {"correct": {"dpo": correct}, "metrics": {"sft": HEALTHY, "dpo": dpo or HEALTHY}}
+
+
+def measured(texts: list[str], ended: bool, tokens: int) -> dict:
+    """A model's metrics as the evaluate stage measures them from its answers (alignflow.health)."""
+    from alignflow.health import answer_health
+
+    given = [{"text": t, "ended": ended, "tokens": tokens} for t in texts]
+    return {"eos_rate": float(ended), **answer_health(given)}
 
 
 def test_champion_moves_only_when_the_interval_clears_the_champion(smoke_config, tiny_model_path, smoke_data,
@@ -63,6 +75,48 @@ def test_champion_moves_only_when_the_interval_clears_the_champion(smoke_config,
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+def test_refused_challengers_are_registered_but_never_champion(smoke_config, tiny_model_path, smoke_data, run_ctx,
+                                                               tmp_path):
+    """A challenger that repeats one token, then one that answers at twice its SFT model's length, is each
+    registered and refused with its named reason, the first champion included; a healthy one is promoted."""
+    eval_rows = smoke_data["eval"]
+    data = dataset_ref(eval_rows, tmp_path / "eval.jsonl")
+    n, client = len(eval_rows), MlflowClient()
+    variants = []
+    for i in range(3):
+        copy = tmp_path / f"model{i}"
+        shutil.copytree(tiny_model_path, copy)
+        (copy / "variant.txt").write_text(str(i))
+        variants.append(base_ref(str(copy)))
+    sft_model = base_ref(tiny_model_path)
+    sft = measured(["a fox and a bee"] * n, ended=True, tokens=16)
+    collapsed = measured(["2" * 32] * n, ended=False, tokens=32)
+    longer = measured(["a fox and a bee and a fox"] * n, ended=True, tokens=32)
+    cases = [(collapsed, ["degenerate: EOS rate 0.000", "degenerate: repetition rate 1.000",
+                          "degenerate: answers 2.00x as long"]),
+             (longer, ["degenerate: answers 2.00x as long"])]
+    for version, (metrics, named) in enumerate(cases, start=1):
+        evaluation = {"correct": {"dpo": [0.0] * n}, "metrics": {"sft": sft, "dpo": metrics}}
+        decision = promote.fn(RegistrySection(), "guard", sft_model, variants[version - 1], data, smoke_config.eval,
+                              evaluation, run_ctx)
+        assert decision["decision"] == "refused" and "champion_version" not in decision
+        reasons = decision["reasons"]
+        assert len(reasons) == len(named) and all(r.startswith(x) for r, x in zip(reasons, named)), reasons
+        assert alias_version("guard-dpo", "champion") is None
+        assert str(alias_version("guard-dpo", "challenger").version) == str(version)  # registered all the same
+        tags = client.get_model_version("guard-dpo", str(version)).tags
+        assert tags["alignflow.promotion"] == "refused"
+        assert tags["alignflow.promotion_reason"] == "\n".join(decision["reasons"])
+        parent = client.get_run(run_ctx.parent_run_id).data
+        assert parent.tags["alignflow.promotion_reason"] == tags["alignflow.promotion_reason"]
+        assert parent.metrics["promotion.promoted"] == 0.0
+    healthy = {"correct": {"dpo": [0.0] * n}, "metrics": {"sft": sft, "dpo": sft}}
+    decision = promote.fn(RegistrySection(), "guard", sft_model, variants[2], data, smoke_config.eval, healthy, run_ctx)
+    assert decision["decision"] == "first champion"
+    assert str(alias_version("guard-dpo", "champion").version) == "3"
+    assert "alignflow.promotion_reason" not in client.get_model_version("guard-dpo", "3").tags
+
+
 def test_flow_registers_and_reports_the_decision(prefect_server, tmp_path):
     overrides = [f"output_dir={tmp_path / 'out'}", "experiment=promo", "eval.pass_k=0"]
     first = align(load_config(SMOKE, overrides))
@@ -78,3 +132,64 @@ def test_flow_registers_and_reports_the_decision(prefect_server, tmp_path):
     assert metrics["promotion.delta"] == pytest.approx(decision["delta"])
     report = open(second["report"]).read()
     assert "## Promotion" in report and decision["decision"] in report
+
+
+def prefect_log(flow_run_id: str, contains: str, timeout: float = 60) -> list[str]:
+    """The flow run's log lines (read back through Prefect's API) holding `contains`; waits, bounded, for
+    Prefect's log worker to have sent them."""
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [log.message for log in asyncio.run(read()) if contains in log.message]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(1)
+
+
+def test_a_collapsing_dpo_is_watched_refused_and_a_promote_rerun_decides_by_the_same_rules(prefect_server, tmp_path):
+    """A learning rate far too high for the tiny model: the chosen log-prob falls while DPO trains and the
+    policy collapses to one repeated token. The log and the report warn; promotion registers it and refuses
+    it (the first champion of its name); `alignflow stage promote --from-run` decides again by the same rules,
+    with the limits of its own config."""
+    from flows.stage import align_stage
+
+    overrides = [f"output_dir={tmp_path / 'out'}", "experiment=collapse", "eval.pass_k=0",
+                 "dpo.trainer.learning_rate=0.05", "dpo.trainer.num_train_epochs=8", "dpo.trainer.logging_steps=1"]
+    results = align(load_config(SMOKE, overrides))
+    client = MlflowClient()
+    parent = client.get_run(results["parent_run_id"])
+    dpo = results["metrics"]["dpo"]
+    assert dpo["repetition_rate"] - results["metrics"]["sft"]["repetition_rate"] > 0.25, dpo
+
+    dpo_run = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'dpo'")[0]
+    assert dpo_run.data.metrics["watch.chosen_logp_change_per_token"] < -1.0
+    warning = "the chosen answers' log-prob fell over training"
+    assert warning in dpo_run.data.tags["alignflow.warnings"]
+    assert prefect_log(parent.data.tags["prefect.flow_run_id"], warning)
+    report = open(results["report"]).read()
+    assert f"⚠ **dpo**: {warning}" in report
+
+    decision = results["promotion"]
+    assert decision["decision"] == "refused" and alias_version("collapse-dpo", "champion") is None
+    assert any(r.startswith("degenerate: repetition rate") for r in decision["reasons"]), decision
+    assert "**refused**" in report and "degenerate: repetition rate" in report
+    assert parent.data.tags["alignflow.promotion"] == "refused"
+
+    again = align_stage("promote", results["parent_run_id"])
+    assert again["decision"] == "refused" and again["reasons"] == decision["reasons"]
+    assert alias_version("collapse-dpo", "champion") is None
+    loose = ["registry.max_repetition_rise=1", "registry.max_eos_rate_drop=1", "registry.max_length_ratio=100",
+             "registry.max_loss_vs_sft=1"]
+    rerun = align_stage("promote", results["parent_run_id"], overrides=loose)
+    assert rerun["decision"] == "first champion"
+    assert str(alias_version("collapse-dpo", "champion").version) == str(decision["challenger_version"])
+    assert client.get_run(rerun["parent_run_id"]).data.tags["alignflow.rerun_of"] == results["parent_run_id"]

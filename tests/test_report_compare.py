@@ -16,8 +16,8 @@ from tasks.report import prefect_markdown
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow
-SECTIONS = ["## Models", "## Stage runs", "## Accuracy per task type", "## What the preference stage changed",
-            "## Base-model selection", "## Preference pairs", "## Training curves", "## Same prompts, every model"]
+SECTIONS = ["## Models", "## Promotion", "## Preference training watch", "## Stage runs", "## Accuracy per task type",
+            "## What the preference stage changed", "## Base-model selection", "## Preference pairs", "## Training curves", "## Same prompts, every model"]
 PLOTS = ["accuracy_by_task.png", "flaws.png", "pair_margins.png", "sft_loss.png", "dpo_curves.png"]
 
 
@@ -66,9 +66,15 @@ def test_report_is_an_mlflow_artifact_matching_the_metrics(two_runs, server, tmp
         assert cells[1] == f"{metrics[f'{model}.accuracy']:.3f}"
         assert cells[2] == f"[{metrics[f'{model}.accuracy_ci95_low']:.3f}, {metrics[f'{model}.accuracy_ci95_high']:.3f}]"
         assert cells[3] == f"{metrics[f'{model}.pass_at_8']:.3f}"
-        if model not in ("base", "sft"):
-            assert cells[7].startswith(f"{metrics[f'{model}.win_rate_vs_sft']:.3f} [")
-            assert cells[8] == f"{metrics[f'{model}.lc_win_rate_vs_sft']:.3f}"
+        assert cells[5].startswith(f"{metrics[f'{model}.eos_rate']:.3f}")
+        assert cells[6].startswith(f"{metrics[f'{model}.mean_tokens']:.1f}")
+        assert cells[7].startswith(f"{metrics[f'{model}.repetition_rate']:.3f}")
+        if model not in ("base", "sft"):  # each preference-trained model against its SFT model
+            assert cells[5].endswith(f"({metrics[f'{model}.eos_rate_change_vs_sft']:+.3f})")
+            assert cells[6].endswith(f"({metrics[f'{model}.length_ratio_vs_sft']:.2f}×)")
+            assert cells[7].endswith(f"({metrics[f'{model}.repetition_rate_change_vs_sft']:+.3f})")
+            assert cells[9].startswith(f"{metrics[f'{model}.win_rate_vs_sft']:.3f} [")
+            assert cells[10] == f"{metrics[f'{model}.lc_win_rate_vs_sft']:.3f}"
     # one row per stage run, in the registry's stage order, rounds in run order
     runs = [line.split("|")[1].strip() for line in text.split("## Stage runs")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| stage ")]
