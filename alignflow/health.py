@@ -154,7 +154,8 @@ def promotion_refusals(challenger: dict[str, float], sft: dict[str, float] | Non
     if "eos_rate" in challenger and "eos_rate" in sft:
         drop = sft["eos_rate"] - challenger["eos_rate"]
         if drop > limits.max_eos_rate_drop:
-            reasons.append(f"degenerate: EOS rate {challenger['eos_rate']:.3f} vs its SFT model's {sft['eos_rate']:.3f} "
+            reasons.append(f"degenerate: EOS rate {challenger['eos_rate']:.3f} vs its SFT model's "
+                           f"{sft['eos_rate']:.3f} "
                            f"(fell {drop:.3f}, more than registry.max_eos_rate_drop {limits.max_eos_rate_drop}): "
                            "answers that no longer end")
     if "repetition_rate" in challenger and "repetition_rate" in sft:
@@ -166,6 +167,7 @@ def promotion_refusals(challenger: dict[str, float], sft: dict[str, float] | Non
     if "mean_tokens" in challenger and "mean_tokens" in sft:
         ratio = challenger["mean_tokens"] / max(sft["mean_tokens"], 1.0)
         if ratio > limits.max_length_ratio:
-            reasons.append(f"degenerate: answers {ratio:.2f}x as long as its SFT model's ({challenger['mean_tokens']:.1f} "
+            reasons.append(f"degenerate: answers {ratio:.2f}x as long as its SFT model's "
+                           f"({challenger['mean_tokens']:.1f} "
                            f"vs {sft['mean_tokens']:.1f} tokens; registry.max_length_ratio {limits.max_length_ratio})")
     return reasons

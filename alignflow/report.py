@@ -271,8 +271,9 @@ def warning_section(rec: RunRecords) -> list[str]:
     rows = []
     for name, run in watched.items():
         wm = run.data.metrics
-        rows.append([name, _fmt(wm.get("watch.chosen_logp_start"), 2) + " → " + _fmt(wm.get("watch.chosen_logp_end"), 2),
-                     _fmt(wm.get("watch.rejected_logp_start"), 2) + " → " + _fmt(wm.get("watch.rejected_logp_end"), 2),
+        trend = lambda side: (_fmt(wm.get(f"watch.{side}_logp_start"), 2) + " → "  # noqa: E731
+                              + _fmt(wm.get(f"watch.{side}_logp_end"), 2))
+        rows.append([name, trend("chosen"), trend("rejected"),
                      _fmt(wm.get("watch.chosen_logp_change_per_token")), _fmt(wm.get("watch.length_ratio"), 2),
                      int(wm["watch.warnings"])])
     lines = ["## Preference training watch",

@@ -3,7 +3,8 @@
 Per model: greedy accuracy overall and per task type with a 95% bootstrap interval over prompts,
 mean reward (by the rank stage's ranker when it scores one answer alone, named in the `eval.reward_by`
 param), response length (words, tokens), EOS rate, repetition rate (alignflow.health: what degenerate
-preference tuning shows first; for each preference-trained model also against its SFT model), the share of answers with each flaw (wrong value, verbose, run-on:
+preference tuning shows first; for each preference-trained model also against its SFT model), the
+share of answers with each flaw (wrong value, verbose, run-on:
 alignflow.stats.flaw_of) overall and per task type, pass@k (k sampled answers, any correct) overall and
 per task type, and against the SFT model the win rate with its bootstrap interval and the
 length-controlled win rate (judged by `eval.win_rate_by`: the verifier, or the ranker, pointwise by

@@ -17,7 +17,8 @@ from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow
 SECTIONS = ["## Models", "## Promotion", "## Preference training watch", "## Stage runs", "## Accuracy per task type",
-            "## What the preference stage changed", "## Base-model selection", "## Preference pairs", "## Training curves", "## Same prompts, every model"]
+            "## What the preference stage changed", "## Base-model selection", "## Preference pairs",
+            "## Training curves", "## Same prompts, every model"]
 PLOTS = ["accuracy_by_task.png", "flaws.png", "pair_margins.png", "sft_loss.png", "dpo_curves.png"]
 
 
