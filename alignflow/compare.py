@@ -13,6 +13,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 HEADLINE = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high")
+HEALTH = ("eos_rate", "mean_tokens", "repetition_rate")  # what degenerate preference tuning shows (alignflow.health)
 VERSUS = ("win_rate_vs_sft", "delta_vs_sft")
 
 
@@ -41,6 +42,7 @@ def metric_keys(runs: list[Run]) -> list[str]:
     for model in model_order(models):
         keys += [f"{model}.{m}" for m in HEADLINE if f"{model}.{m}" in present]
         keys += sorted(k for k in present if k.startswith(f"{model}.pass_at_") and k.count(".") == 1)
+        keys += [f"{model}.{m}" for m in HEALTH if f"{model}.{m}" in present]
         keys += [f"{model}.{m}" for m in VERSUS if f"{model}.{m}" in present]
     return keys
 
@@ -49,7 +51,8 @@ def compare_table(runs: list[Run]) -> list[list[str]]:
     """Rows of [field, value per run]: identity, differing params, then metrics."""
     rows = [["run", *(r.info.run_id[:12] for r in runs)],
             ["name", *(r.info.run_name or "" for r in runs)],
-            ["status", *(r.info.status for r in runs)]]
+            ["status", *(r.info.status for r in runs)],
+            ["promotion", *(r.data.tags.get("alignflow.promotion", "–") for r in runs)]]
     params = sorted(set().union(*(r.data.params for r in runs)))
     for key in params:
         values = [r.data.params.get(key, "–") for r in runs]
@@ -64,5 +67,5 @@ def format_table(rows: list[list[str]], width: int = 40) -> str:
     clipped = [[c if len(c) <= width else c[: width - 1] + "…" for c in row] for row in rows]
     widths = [max(len(row[i]) for row in clipped) for i in range(len(clipped[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in clipped]
-    lines.insert(3, "  ".join("-" * w for w in widths))
+    lines.insert(4, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -316,6 +316,7 @@ class RegistrySection(Section):
     max_loss_vs_sft: float = Field(default=0.0, ge=0, le=1)
     max_eos_rate_drop: float = Field(default=0.25, ge=0, le=1)  # EOS rate below SFT's by more: answers that never end
     max_repetition_rise: float = Field(default=0.25, ge=0, le=1)  # share of repetitive answers above SFT's by more
+    max_repetition_rate: float = Field(default=0.5, ge=0, le=1)  # share of repetitive answers, whatever SFT's is
     max_length_ratio: float = Field(default=1.5, gt=1)  # mean answer length (tokens) over SFT's
 
 

@@ -134,7 +134,8 @@ def promotion_refusals(challenger: dict[str, float], sft: dict[str, float] | Non
     nothing against it). Worse: the whole 95% paired interval of its accuracy minus SFT's lies below
     -max_loss_vs_sft (without reference answers: the interval of its win rate against SFT below
     0.5 - max_loss_vs_sft): a loss the eval set can tell from noise. Degenerate: its EOS rate fell, its
-    repetition rate rose, or its answers grew longer, beyond the configured limits."""
+    repetition rate rose (or is above an absolute limit: a degenerate SFT model excuses nothing), or its
+    answers grew longer, beyond the configured limits."""
     if sft is None:
         return ["no SFT model was evaluated beside it: nothing says it is not worse"]
     reasons = []
@@ -159,11 +160,14 @@ def promotion_refusals(challenger: dict[str, float], sft: dict[str, float] | Non
                            f"(fell {drop:.3f}, more than registry.max_eos_rate_drop {limits.max_eos_rate_drop}): "
                            "answers that no longer end")
     if "repetition_rate" in challenger and "repetition_rate" in sft:
-        rise = challenger["repetition_rate"] - sft["repetition_rate"]
-        if rise > limits.max_repetition_rise:
-            reasons.append(f"degenerate: repetition rate {challenger['repetition_rate']:.3f} vs its SFT model's "
-                           f"{sft['repetition_rate']:.3f} (rose {rise:.3f}, more than registry.max_repetition_rise "
-                           f"{limits.max_repetition_rise})")
+        rate, rise = challenger["repetition_rate"], challenger["repetition_rate"] - sft["repetition_rate"]
+        why = ([f"rose {rise:.3f}, more than registry.max_repetition_rise {limits.max_repetition_rise}"]
+               if rise > limits.max_repetition_rise else []) + (
+            [f"above registry.max_repetition_rate {limits.max_repetition_rate} whatever its SFT model does"]
+            if rate > limits.max_repetition_rate else [])
+        if why:
+            reasons.append(f"degenerate: repetition rate {rate:.3f} vs its SFT model's {sft['repetition_rate']:.3f} "
+                           f"({'; '.join(why)})")
     if "mean_tokens" in challenger and "mean_tokens" in sft:
         ratio = challenger["mean_tokens"] / max(sft["mean_tokens"], 1.0)
         if ratio > limits.max_length_ratio:

@@ -43,9 +43,13 @@ def test_promotion_refuses_a_challenger_that_repeats_one_token():
     reasons = promotion_refusals(collapsed, sft, RegistrySection())
     assert any(r.startswith("degenerate: EOS rate 0.000 vs its SFT model's 1.000") for r in reasons), reasons
     assert any(r.startswith("degenerate: repetition rate 1.000 vs its SFT model's 0.000") for r in reasons), reasons
-    # only the limits decide: loosen them both and nothing is left against it
-    loose = RegistrySection(max_eos_rate_drop=1.0, max_repetition_rise=1.0, max_length_ratio=10)
+    # only the limits decide: loosen them and nothing is left against it
+    loose = RegistrySection(max_eos_rate_drop=1.0, max_repetition_rise=1.0, max_repetition_rate=1.0,
+                            max_length_ratio=10)
     assert promotion_refusals(collapsed, sft, loose) == []
+    # an SFT model as degenerate as its challenger excuses nothing: repetition has an absolute limit too
+    reasons = promotion_refusals(collapsed, collapsed, RegistrySection())
+    assert len(reasons) == 1 and "above registry.max_repetition_rate 0.5" in reasons[0], reasons
 
 
 def test_promotion_refuses_twice_the_length_and_a_significant_loss_but_not_a_healthy_model():

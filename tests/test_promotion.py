@@ -187,8 +187,8 @@ def test_a_collapsing_dpo_is_watched_refused_and_a_promote_rerun_decides_by_the_
     again = align_stage("promote", results["parent_run_id"])
     assert again["decision"] == "refused" and again["reasons"] == decision["reasons"]
     assert alias_version("collapse-dpo", "champion") is None
-    loose = ["registry.max_repetition_rise=1", "registry.max_eos_rate_drop=1", "registry.max_length_ratio=100",
-             "registry.max_loss_vs_sft=1"]
+    loose = ["registry.max_repetition_rise=1", "registry.max_repetition_rate=1", "registry.max_eos_rate_drop=1",
+             "registry.max_length_ratio=100", "registry.max_loss_vs_sft=1"]
     rerun = align_stage("promote", results["parent_run_id"], overrides=loose)
     assert rerun["decision"] == "first champion"
     assert str(alias_version("collapse-dpo", "champion").version) == str(decision["challenger_version"])

@@ -144,6 +144,11 @@ def test_compare_against_the_tracking_server(two_runs, server):
     metrics = [MlflowClient().get_run(r).data.metrics for r in (first, second)]
     assert rows["dpo.accuracy"] == [f"{m['dpo.accuracy']:.3f}" for m in metrics]
     assert rows["rft.accuracy"] == ["–", f"{metrics[1]['rft.accuracy']:.3f}"]
+    assert rows["dpo.repetition_rate"] == [f"{m['dpo.repetition_rate']:.3f}" for m in metrics]
+    assert rows["dpo.mean_tokens"] == [f"{m['dpo.mean_tokens']:.3f}" for m in metrics]
+    decisions = [MlflowClient().get_run(r).data.tags["alignflow.promotion"] for r in (first, second)]
+    assert next(line for line in cli.stdout.splitlines() if line.startswith("promotion ")).split() == [
+        "promotion", *" ".join(decisions).split()]
     latest = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--experiment", "compare-me"],
                             capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": server})
     assert latest.returncode == 0 and latest.stdout.splitlines()[0].split()[1:] == [first[:12], second[:12]]
