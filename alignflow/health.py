@@ -3,11 +3,11 @@ such a model from being promoted.
 
     from alignflow.health import answer_health, preference_watch, promotion_refusals
 
-- **While training** (every preference stage): the trend of the policy's log-probability of the chosen
-  and the rejected answers (TRL's `logps/chosen`, `logps/rejected`: summed over each answer's tokens,
-  compared here per token), and the length gap of the pairs it trains on. A chosen log-prob that
-  falls (both falling while the loss looks fine is the classic DPO failure), or chosen answers much
-  longer than rejected ones (the preference may be for length), is a warning.
+- **While training** (every preference stage): how far the policy's log-probability of the chosen and
+  the rejected answers moved from the reference model's (TRL's `rewards/*` / beta, per token of the
+  chosen answers; TRL's raw `logps/*` kept beside them), and the length gap of the pairs it trains on.
+  A chosen log-prob that falls (both falling while the loss looks fine is the classic DPO failure), or
+  chosen answers much longer than rejected ones (the preference may be for length), is a warning.
 - **At evaluation** (every model): mean answer length in tokens, the repetition rate, EOS rate, and for
   each preference-trained model the change against its SFT model.
 - **At promotion**: a challenger worse than its SFT model, or degenerate next to it, is refused with
@@ -83,26 +83,34 @@ def trend(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values[:k])), float(np.mean(values[-k:]))
 
 
-def preference_watch(chosen_logps: list[float], rejected_logps: list[float], pairs: list[dict],
-                     chosen_tokens: float | None, limits: WatchSection) -> tuple[dict[str, float], list[str]]:
+def preference_watch(logged: dict[str, list[float]], beta: float, pairs: list[dict], chosen_tokens: float | None,
+                     limits: WatchSection) -> tuple[dict[str, float], list[str]]:
     """A preference stage's health: metrics (`watch.*`) and warnings (plain sentences, empty when healthy).
 
-    `chosen_logps` / `rejected_logps`: TRL's logged series in step order (empty when the trainer logs none,
-    as SFT-style baselines do); `chosen_tokens`: the chosen answers' mean length in tokens, to compare
-    summed log-probs per token."""
+    `logged`: TRL's series in step order, by name (`logps/chosen`, `logps/rejected`, `rewards/chosen`,
+    `rewards/rejected`; absent or empty where the trainer logs none, as SFT-style baselines do); `beta`: the
+    DPO beta those rewards are scaled by; `chosen_tokens`: the chosen answers' mean length in tokens.
+
+    The warning reads the *shift* of the chosen answers' log-prob: TRL's `rewards/chosen` / beta, the policy's
+    log-prob of the batch's chosen answers minus the reference model's of the same answers. It is paired,
+    so it moves only when training moved the policy; the raw `logps/chosen` of the first and last batches
+    (kept for the report) compare different answers, and on SmolLM2 fell 8 nats between two batches of
+    a run whose policy barely moved (rewards ~0)."""
     metrics: dict[str, float] = {}
     warnings: list[str] = []
     per_token = max(chosen_tokens or 1.0, 1.0)
-    for name, series in (("chosen", chosen_logps), ("rejected", rejected_logps)):
-        if series:
-            start, end = trend(series)
-            metrics |= {f"watch.{name}_logp_start": start, f"watch.{name}_logp_end": end,
-                        f"watch.{name}_logp_change_per_token": (end - start) / per_token}
-    drop = -metrics.get("watch.chosen_logp_change_per_token", 0.0)
+    for name in ("chosen", "rejected"):
+        if logged.get(f"logps/{name}"):
+            start, end = trend(logged[f"logps/{name}"])
+            metrics |= {f"watch.{name}_logp_start": start, f"watch.{name}_logp_end": end}
+        if logged.get(f"rewards/{name}"):
+            shift = trend(logged[f"rewards/{name}"])[1] / beta  # nats per answer, against the reference, at the end
+            metrics |= {f"watch.{name}_logp_shift": shift, f"watch.{name}_logp_shift_per_token": shift / per_token}
+    drop = -metrics.get("watch.chosen_logp_shift_per_token", 0.0)
     if drop > limits.max_chosen_logp_drop:
-        also = " (the rejected answers' fell too)" if metrics.get("watch.rejected_logp_change_per_token", 0) < 0 else ""
-        warnings.append(f"the chosen answers' log-prob fell over training: {metrics['watch.chosen_logp_start']:.2f} "
-                        f"-> {metrics['watch.chosen_logp_end']:.2f} ({drop:.3f} nats per token, more than "
+        also = " (the rejected answers' fell too)" if metrics.get("watch.rejected_logp_shift", 0) < 0 else ""
+        warnings.append(f"the chosen answers' log-prob fell over training: {metrics['watch.chosen_logp_shift']:.2f} "
+                        f"nats per answer below the reference model's ({drop:.3f} per token, more than "
                         f"dpo.watch.max_chosen_logp_drop {limits.max_chosen_logp_drop}){also}: the policy is moving "
                         "away from the answers it is told to prefer, the usual start of degenerate output")
     if pairs:

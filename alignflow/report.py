@@ -273,15 +273,16 @@ def warning_section(rec: RunRecords) -> list[str]:
         wm = run.data.metrics
         trend = lambda side: (_fmt(wm.get(f"watch.{side}_logp_start"), 2) + " → "  # noqa: E731
                               + _fmt(wm.get(f"watch.{side}_logp_end"), 2))
-        rows.append([name, trend("chosen"), trend("rejected"),
-                     _fmt(wm.get("watch.chosen_logp_change_per_token")), _fmt(wm.get("watch.length_ratio"), 2),
-                     int(wm["watch.warnings"])])
+        rows.append([name, _fmt(wm.get("watch.chosen_logp_shift_per_token")),
+                     _fmt(wm.get("watch.rejected_logp_shift_per_token")), trend("chosen"), trend("rejected"),
+                     _fmt(wm.get("watch.length_ratio"), 2), int(wm["watch.warnings"])])
     lines = ["## Preference training watch",
-             "The policy's log-prob of the chosen and rejected answers (TRL's `logps/*`, summed over an answer's "
-             "tokens; first → last quarter of training), the chosen log-prob's change per token, and the chosen "
-             "answers' mean length over the rejected ones'.",
-             _md_table(["stage", "chosen log-prob", "rejected log-prob", "chosen Δ per token", "length ratio",
-                        "warnings"], rows)]
+             "How far training moved the policy's log-prob of the chosen and rejected answers from the reference "
+             "model's, per token of the chosen answers, at the end of training (TRL's `rewards/*` ÷ beta: the same "
+             "answers under both models); TRL's logged log-probs (`logps/*`, summed over an answer's tokens, first → "
+             "last quarter of training: different batches); the chosen answers' mean length over the rejected ones'.",
+             _md_table(["stage", "chosen shift per token", "rejected shift per token", "chosen log-prob",
+                        "rejected log-prob", "length ratio", "warnings"], rows)]
     for name, run in watched.items():
         text = run.data.tags.get("alignflow.warnings")
         if text:

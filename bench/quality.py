@@ -113,6 +113,29 @@ def config_section(name: str, rows: list[dict]) -> list[str]:
     return out
 
 
+def stage_watch(client, run) -> dict:
+    """The preference stages' watch metrics (alignflow.health.preference_watch) of a flow run's child runs,
+    as `<stage>.watch.*`."""
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                  max_results=200)
+    return {f"{c.info.run_name}.{k}": v for c in children for k, v in c.data.metrics.items() if k.startswith("watch.")}
+
+
+def watch_lines(name: str, rows: list[dict]) -> list[str]:
+    stages = sorted({k.split(".watch.")[0] for k in rows[0] if ".watch." in k})
+    if not stages:
+        return []
+    span = lambda key: (f"{min(r[key] for r in rows):+.3f} … {max(r[key] for r in rows):+.3f}"  # noqa: E731
+                        if all(key in r for r in rows) else "–")
+    out = ["", f"### {name}: preference training watch (lowest … highest over seeds)", "",
+           "| stage | chosen log-prob shift per token | rejected shift per token | chosen/rejected length | warnings |",
+           "|---|---|---|---|---|"]
+    out += [f"| {s} | {span(f'{s}.watch.chosen_logp_shift_per_token')} | "
+            f"{span(f'{s}.watch.rejected_logp_shift_per_token')} | {mean(rows, f'{s}.watch.length_ratio'):.2f} | "
+            f"{int(sum(r.get(f'{s}.watch.warnings', 0) for r in rows))} |" for s in stages]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "default.yaml"),
@@ -138,7 +161,8 @@ def main() -> int:
             run = MlflowClient().get_run(run_id)
             results.setdefault(config, []).append({
                 "seed": int(run.data.params["seed"]), "run_id": run_id,
-                "wall_s": (run.info.end_time - run.info.start_time) / 1000, **run.data.metrics})
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000, **run.data.metrics,
+                **stage_watch(MlflowClient(), run)})
         args.configs, args.seeds = list(results), [r["seed"] for r in next(iter(results.values()))]
         wall = sum(r["wall_s"] for rows in results.values() for r in rows)
     else:
@@ -149,7 +173,8 @@ def main() -> int:
                 flow = align(config)
                 run = MlflowClient().get_run(flow["parent_run_id"])
                 results.setdefault(path, []).append({"seed": seed, "run_id": run.info.run_id,
-                                                     "wall_s": time.time() - t0, **run.data.metrics})
+                                                     "wall_s": time.time() - t0, **run.data.metrics,
+                                                     **stage_watch(MlflowClient(), run)})
         wall = time.time() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -169,7 +194,7 @@ def main() -> int:
            "", f"### Goal ({names[0]}" + (f", against {names[1]}'s SFT" if len(names) > 1 else "") + ")", "",
            *goal_lines(groups[0], groups[1] if len(groups) > 1 else None)]
     for name, rows in zip(names, groups):
-        out += ["", *config_section(name, rows)]
+        out += ["", *config_section(name, rows), *watch_lines(name, rows)]
     out.append(END)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,11 +77,12 @@ def fit_rows(job, overlength: str, tokenizer):
 
 
 def watch_preference(job, limits, tokenizer) -> list[str]:
-    """After a preference stage trained: the trend of the chosen and rejected answers' log-probs (TRL's logged
-    `logps/*`, read back from the stage's run: the same whether it trained here or launched) and the length gap
-    of its pairs (alignflow.health.preference_watch). Metrics `watch.*` on the stage's run; each warning in the
+    """After a preference stage trained: how far the chosen and rejected answers' log-probs moved from the
+    reference model's (TRL's logged `rewards/*` and `logps/*`, read back from the stage's run: the same whether
+    it trained here or launched) and the length gap of its pairs (alignflow.health.preference_watch). Metrics `watch.*` on the stage's run; each warning in the
     log (Prefect's) and the run's `alignflow.warnings` tag, which the report shows. Returns the warnings."""
     import numpy as np
+    import trl
     from mlflow.tracking import MlflowClient
 
     from alignflow.data import read_jsonl
@@ -89,13 +90,15 @@ def watch_preference(job, limits, tokenizer) -> list[str]:
     from alignflow.tracking import log_metrics
 
     client = MlflowClient()
-    series = {side: [m.value for m in sorted(client.get_metric_history(job.run_id, f"logps/{side}"),
-                                             key=lambda m: m.step)] for side in ("chosen", "rejected")}
+    logged = {key: [m.value for m in sorted(client.get_metric_history(job.run_id, key), key=lambda m: m.step)]
+              for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected")}
     pairs = read_jsonl(job.rows)
     answer = lambda c: " ".join(m["content"] for m in c) if isinstance(c, list) else str(c)  # noqa: E731
+    sample = pairs[:2000]  # the mean length in tokens needs no more
     chosen_tokens = float(np.mean([len(tokenizer(answer(p["chosen"]), add_special_tokens=False)["input_ids"])
-                                   for p in pairs])) if pairs else None
-    metrics, warnings = preference_watch(series["chosen"], series["rejected"], pairs, chosen_tokens, limits)
+                                   for p in sample])) if sample else None
+    beta = job.args.get("beta", trl.DPOConfig.beta)
+    metrics, warnings = preference_watch(logged, beta, pairs, chosen_tokens, limits)
     log_metrics(job.run_id, metrics)
     if warnings:
         client.set_tag(job.run_id, "alignflow.warnings", "\n".join(warnings))

@@ -100,6 +100,8 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
             mlflow.set_tag(key, value)
             client.set_tag(ctx.parent_run_id, key, value)
             client.set_model_version_tag(dpo_name, challenger.version, key, value)
+        if not refusals and "alignflow.promotion_reason" in challenger.tags:  # refused by an earlier decision
+            client.delete_model_version_tag(dpo_name, challenger.version, "alignflow.promotion_reason")
         if refusals:
             logger.warning("promotion: %s v%s refused, not champion: %s", dpo_name, challenger.version,
                            "; ".join(refusals))

@@ -73,13 +73,21 @@ def test_the_watch_warns_of_a_falling_chosen_log_prob_and_of_length_preferences(
     pairs = [{"chosen": [{"role": "assistant", "content": "yes"}],
               "rejected": [{"role": "assistant", "content": "no it is not"}]}] * 8
     limits = WatchSection()
-    metrics, warnings = preference_watch([-20, -19, -18, -16], [-22, -25, -30, -40], pairs, 10, limits)
-    assert warnings == [] and metrics["watch.chosen_logp_change_per_token"] > 0
-    metrics, warnings = preference_watch([-20, -30, -60, -90], [-22, -40, -80, -120], pairs, 10, limits)
-    assert metrics["watch.chosen_logp_change_per_token"] == pytest.approx(-7.0)
+    # the raw log-probs of different batches may fall while the policy barely moved: no warning
+    noisy = {"logps/chosen": [-10, -6, -6, -18], "rewards/chosen": [0.0, 0.001, -0.001, -0.001],
+             "rewards/rejected": [0.0, -0.001, -0.002, -0.002]}
+    metrics, warnings = preference_watch(noisy, 0.1, pairs, 3, limits)
+    assert warnings == [] and metrics["watch.chosen_logp_end"] == -18
+    healthy = {"rewards/chosen": [0.0, 0.1, 0.2, 0.3], "rewards/rejected": [0.0, -0.3, -0.6, -0.9]}
+    metrics, warnings = preference_watch(healthy, 0.1, pairs, 3, limits)
+    assert warnings == [] and metrics["watch.chosen_logp_shift_per_token"] == pytest.approx(1.0)
+    collapsing = {"rewards/chosen": [0.0, -1.0, -2.0, -3.0], "rewards/rejected": [0.0, -2.0, -4.0, -6.0]}
+    metrics, warnings = preference_watch(collapsing, 0.1, pairs, 10, limits)
+    assert metrics["watch.chosen_logp_shift"] == pytest.approx(-30.0)
+    assert metrics["watch.chosen_logp_shift_per_token"] == pytest.approx(-3.0)
     assert len(warnings) == 1 and "chosen answers' log-prob fell" in warnings[0] and "rejected" in warnings[0]
     longer = [{"chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
-    metrics, warnings = preference_watch([], [], longer, None, limits)
+    metrics, warnings = preference_watch({}, 0.1, longer, None, limits)
     assert metrics["watch.length_ratio"] == pytest.approx(4.0) and "as long as the rejected" in warnings[0]
 
 
@@ -99,3 +107,16 @@ def test_serve_refuses_at_once_without_a_server_that_schedules(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env | {"PREFECT_API_URL": url}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and f"no Prefect server answers at PREFECT_API_URL={url}" in done.stderr
+
+
+@pytest.mark.parametrize("override, key", [("registry.max_length_ratio=0.5", "max_length_ratio"),
+                                           ("registry.max_repetition_rise=2", "max_repetition_rise"),
+                                           ("registry.max_loss_vs_sft=-0.1", "max_loss_vs_sft"),
+                                           ("dpo.watch.max_chosen_logp_drop=-1", "max_chosen_logp_drop"),
+                                           ("dpo.watch.max_length_ratio=1", "max_length_ratio")])
+def test_limits_out_of_range_are_config_errors_naming_the_key(override, key):
+    from alignflow.config import ConfigError, load_config
+    from tests.conftest import SMOKE
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(SMOKE, [override])

@@ -171,7 +171,7 @@ def test_a_collapsing_dpo_is_watched_refused_and_a_promote_rerun_decides_by_the_
     assert dpo["repetition_rate"] - results["metrics"]["sft"]["repetition_rate"] > 0.25, dpo
 
     dpo_run = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'dpo'")[0]
-    assert dpo_run.data.metrics["watch.chosen_logp_change_per_token"] < -1.0
+    assert dpo_run.data.metrics["watch.chosen_logp_shift_per_token"] < -1.0
     warning = "the chosen answers' log-prob fell over training"
     assert warning in dpo_run.data.tags["alignflow.warnings"]
     assert prefect_log(parent.data.tags["prefect.flow_run_id"], warning)
@@ -192,4 +192,6 @@ def test_a_collapsing_dpo_is_watched_refused_and_a_promote_rerun_decides_by_the_
     rerun = align_stage("promote", results["parent_run_id"], overrides=loose)
     assert rerun["decision"] == "first champion"
     assert str(alias_version("collapse-dpo", "champion").version) == str(decision["challenger_version"])
+    tags = client.get_model_version("collapse-dpo", str(decision["challenger_version"])).tags
+    assert tags["alignflow.promotion"] == "first champion" and "alignflow.promotion_reason" not in tags
     assert client.get_run(rerun["parent_run_id"]).data.tags["alignflow.rerun_of"] == results["parent_run_id"]
