@@ -50,6 +50,16 @@ def pairs_rows(smoke_data):
             for r in smoke_data["prompts"][:16]]
 
 
+def evaluation(sft_answers: list[str], dpo_answers: list[str], n: int) -> dict:
+    """What promote reads of an evaluation: the challenger's correctness and both models' health measures
+    (alignflow.health) of their answers."""
+    from alignflow.health import answer_health
+
+    health = lambda texts: answer_health([{"text": t, "ended": True, "tokens": len(t.split())}  # noqa: E731
+                                          for t in texts])
+    return {"correct": {"dpo": [0.0] * n}, "metrics": {"sft": health(sft_answers), "dpo": health(dpo_answers)}}
+
+
 @pytest.mark.parametrize("sft_lora", [False, True], ids=["full-sft", "lora-sft"])
 def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_config, tiny_model_path,
                                                                 smoke_data, pairs_rows, run_ctx, tmp_path):
@@ -81,10 +91,14 @@ def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_c
         torch.testing.assert_close(logits_of(dpo_model.local_path, prompts), sft_logits, atol=1e-4, rtol=1e-4)
 
         registered = f"stack-{int(sft_lora)}{int(dpo_lora)}"
-        decision = promote.fn(RegistrySection(dpo_model=registered, sft_model=f"{registered}-sft"), "stack",
+        # the tiny SFT model answers by repeating itself, so the absolute repetition limit would refuse its
+        # challenger; this test is about what the champion holds, not whether it deserves to be one
+        limits = RegistrySection(dpo_model=registered, sft_model=f"{registered}-sft", max_repetition_rate=1.0)
+        decision = promote.fn(limits, "stack",
                               sft_model, dpo_model, dataset_ref(smoke_data["eval"], tmp_path / "eval.jsonl"),
-                              smoke_config.eval, {"correct": {"dpo": [0.0] * len(smoke_data["eval"])}}, run_ctx)
-        assert decision["decision"] == "first champion"
+                              smoke_config.eval, evaluation(sft_answers, answers(dpo_model.local_path, prompts),
+                                                            len(smoke_data["eval"])), run_ctx)
+        assert decision["decision"] == "first champion", decision.get("reasons")
         champion = mlflow.pyfunc.load_model(f"models:/{registered}@champion")
         texts = [p[0]["content"] for p in prompts]
         assert champion.predict(texts) == sft_answers, name
