@@ -187,7 +187,10 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
 
     preference = {name for name, stage in stages.stages().items() if stage.trains and name != "sft"}
     trained = [s for s in rec.stages if s.split(".")[0] in preference]
+    # rewards/chosen and /rejected: beta x the log-prob shift from the reference that the training watch reads
     if trained and _plot_curves(rec, trained, [("rewards/margins", "reward margin"),
+                                               ("rewards/chosen", "chosen reward (β × log-prob shift)"),
+                                               ("rewards/rejected", "rejected reward (β × log-prob shift)"),
                                                ("rewards/accuracies", "reward accuracy"), ("loss", "train loss")],
                                 out / "dpo_curves.png"):
         curves.append("![preference training](dpo_curves.png)")
