@@ -69,11 +69,11 @@ def versus_sft(metrics: dict[str, float], sft: dict[str, float]) -> dict[str, fl
 
 # --- while training ----------------------------------------------------------------------------------------
 
-def _words(message) -> int:
-    """Words of an answer: a conversational answer (a list of messages) or a plain string."""
-    if isinstance(message, list):
-        return sum(len(str(m.get("content", "")).split()) for m in message)
-    return len(str(message).split())
+def answer_text(answer) -> str:
+    """The text of a pair's answer: a conversational answer (a list of messages) or a plain string."""
+    if isinstance(answer, list):
+        return " ".join(str(m.get("content", "")) for m in answer)
+    return str(answer)
 
 
 def trend(values: list[float]) -> tuple[float, float]:
@@ -114,8 +114,8 @@ def preference_watch(logged: dict[str, list[float]], beta: float, pairs: list[di
                         f"dpo.watch.max_chosen_logp_drop {limits.max_chosen_logp_drop}){also}: the policy is moving "
                         "away from the answers it is told to prefer, the usual start of degenerate output")
     if pairs:
-        chosen = np.array([_words(p["chosen"]) for p in pairs], dtype=float)
-        rejected = np.array([_words(p["rejected"]) for p in pairs], dtype=float)
+        chosen = np.array([len(answer_text(p["chosen"]).split()) for p in pairs], dtype=float)
+        rejected = np.array([len(answer_text(p["rejected"]).split()) for p in pairs], dtype=float)
         ratio = chosen.mean() / max(rejected.mean(), 1.0)
         metrics |= {"watch.chosen_words": float(chosen.mean()), "watch.rejected_words": float(rejected.mean()),
                     "watch.length_ratio": float(ratio), "watch.chosen_longer_share": float((chosen > rejected).mean())}

@@ -86,16 +86,15 @@ def watch_preference(job, limits, tokenizer) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     from alignflow.data import read_jsonl
-    from alignflow.health import preference_watch
+    from alignflow.health import answer_text, preference_watch
     from alignflow.tracking import log_metrics
 
     client = MlflowClient()
     logged = {key: [m.value for m in sorted(client.get_metric_history(job.run_id, key), key=lambda m: m.step)]
               for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected")}
     pairs = read_jsonl(job.rows)
-    answer = lambda c: " ".join(m["content"] for m in c) if isinstance(c, list) else str(c)  # noqa: E731
     sample = pairs[:2000]  # the mean length in tokens needs no more
-    chosen_tokens = float(np.mean([len(tokenizer(answer(p["chosen"]), add_special_tokens=False)["input_ids"])
+    chosen_tokens = float(np.mean([len(tokenizer(answer_text(p["chosen"]), add_special_tokens=False)["input_ids"])
                                    for p in sample])) if sample else None
     beta = job.args.get("beta", trl.DPOConfig.beta)
     metrics, warnings = preference_watch(logged, beta, pairs, chosen_tokens, limits)
