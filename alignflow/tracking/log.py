@@ -81,7 +81,12 @@ def log_dataset(rows: list[dict], source: str, name: str, context: str, digest: 
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
     except MlflowException:  # e.g. a hub dataset name: no resolver; the digest and schema still go in
         dataset = mlflow.data.from_pandas(frame, name=f"{name} ({source})", digest=digest)
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as err:  # two runs logging the same dataset at once: the server's check-then-insert
+        if "UNIQUE constraint" not in str(err) and "IntegrityError" not in str(err):  # lost the race; it exists now
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 class TrackingLost(RuntimeError):
