@@ -1,6 +1,8 @@
-"""alignflow's shared core: config schema, stage references, data formats, MLflow helpers, rankers.
+"""alignflow's core: config schema, references, data formats, models, training, engines, rankers, MLflow records.
 
-Nothing here knows a Prefect flow; `tasks/` builds the stages on it and `flows/` chains them.
+It knows no stage and imports no Prefect, `tasks` or `flows` (tests/test_layers.py): `tasks/` builds the
+stages on it and `flows/` chains them. It logs through the standard logger `alignflow`; what it needs
+of the orchestrator it asks the Host the stage layer installed (alignflow.host).
 """
 
 import os

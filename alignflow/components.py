@@ -14,7 +14,7 @@ in the config (imported then). Nothing in alignflow's core is edited to add one.
 
 What a component's output depends on beyond its config (a reward model's weights, a judge's model
 id; human labels: nothing stable) it says in `cache_pins()`, which every stage's cache key that
-carries the component includes (alignflow.caching.fingerprint).
+carries the component includes (alignflow.pins.fingerprint).
 
 The small name -> class registry is hand-written: torchtune's `_component_` + instantiate is the
 model, but it would bring torchtune (and its pinned torch) for one function.

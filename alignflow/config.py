@@ -230,7 +230,7 @@ class DPOSection(TrainerSection):
 
     trl_config = "DPOConfig"
     rounds: int = Field(default=1, ge=1)
-    baselines: list[str] = []  # stages registered as baselines of `dpo` (alignflow.stages)
+    baselines: list[str] = []  # stages registered as baselines of `dpo` (checked by tasks.stages.check_config)
     # your own preference data (a local file or hub dataset: prompt/chosen/rejected, chosen/rejected with the
     # prompt implicit, or UltraFeedback-like scored answers; alignflow.data.load_preference_rows). Alone, DPO
     # trains on it after SFT and sampling and ranking are skipped; with `mix: true` it joins the on-policy pairs.
@@ -250,17 +250,6 @@ class DPOSection(TrainerSection):
     def on_policy(self) -> bool:
         """Whether the preference pairs include the SFT model's own ranked samples."""
         return self.data is None or self.mix
-
-    @field_validator("baselines")
-    @classmethod
-    def _known_baselines(cls, names: list[str]) -> list[str]:
-        from alignflow import stages
-
-        known = stages.baselines("dpo")
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; choose from {known}")
-        return names
 
 
 class SampleSection(Section):

@@ -70,7 +70,7 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 def converted_dir(gguf_file: str | Path, home: Path) -> Path:
     """The safetensors directory for a GGUF file, converting it on first use."""
-    from alignflow.embedded import _build_atomically
+    from alignflow.files import build_atomically
 
     path = Path(gguf_file)
     if not path.is_file():
@@ -78,7 +78,7 @@ def converted_dir(gguf_file: str | Path, home: Path) -> Path:
     digest = file_digest(path)
     stem = path.name[: -len(".gguf")]
     target = home / "gguf" / f"{stem}-{digest[:12]}-v{CONVERT_VERSION}"
-    return _build_atomically(target, lambda tmp: convert(path, tmp, digest))
+    return build_atomically(target, lambda tmp: convert(path, tmp, digest))
 
 
 def convert(path: Path, out_dir: Path, digest: str) -> Path:

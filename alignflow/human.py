@@ -33,18 +33,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
+import logging
 from pathlib import Path
 from typing import ClassVar
 
 from pydantic import BaseModel, Field
 
+from alignflow import host
 from alignflow.components import RANKERS, Ranker, Scorer
 from alignflow.data import DataError
+from alignflow.files import write_text_atomically
 from alignflow.labelstudio import LabelStudioSection
 
-STATUS_KEY = "alignflow-labelling"  # the flow run input where the rank stage says what it waits for
-
+log = logging.getLogger(__name__)
 
 class LabelError(DataError):
     """A batch of labels that cannot be used; the message names the source, row and field."""
@@ -56,15 +57,11 @@ class PromptLabel(BaseModel):
                                               "each rank once")
 
 
-def labels_input():
-    """The typed input the flow pauses for (a Prefect RunInput: the UI renders it as a form)."""
-    from prefect.input import RunInput
+class Labels(BaseModel):
+    """The typed input the flow pauses for (the Host renders it as a form: Prefect's UI, for a RunInput)."""
 
-    class Labels(RunInput):
-        labels: list[PromptLabel] = Field(default_factory=list, description="one entry per labelled prompt")
-        done: bool = Field(default=False, description="finish with what is labelled; unlabelled prompts are dropped")
-
-    return Labels
+    labels: list[PromptLabel] = Field(default_factory=list, description="one entry per labelled prompt")
+    done: bool = Field(default=False, description="finish with what is labelled; unlabelled prompts are dropped")
 
 
 def export_rows(prompts: list[list[dict]], candidates: list[list[str]]) -> list[dict]:
@@ -170,12 +167,6 @@ def scores_from_ranks(ranks: dict[str, int], candidate_ids: list[str]) -> list[f
     return [(n - ranks[c]) / (n - 1) if n > 1 else 0.5 for c in candidate_ids]
 
 
-def write_text_atomically(data, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @RANKERS.register("human")
 class Human(Ranker):
     """People rank each prompt's candidates; the flow pauses for their labels (module docstring)."""
@@ -190,7 +181,7 @@ class Human(Ranker):
     label_studio: LabelStudioSection | None = None
 
     def cache_pins(self) -> dict:
-        from alignflow.caching import Uncacheable
+        from alignflow.pins import Uncacheable
 
         raise Uncacheable("human labels are inputs of this run, never reused from another")
 
@@ -214,8 +205,6 @@ class HumanLabels(Scorer):
 
         from alignflow.labelstudio import wait_for_pairs
         from alignflow.tracking import log_dataset
-        from tasks import stage_logger
-
         folder = Path(self.workdir or ".")
         rows = export_rows(prompts, candidates)
         jsonl, table = write_exports(rows, folder)
@@ -223,7 +212,7 @@ class HumanLabels(Scorer):
             for exported in (jsonl, table):
                 mlflow.log_artifact(str(exported), "to_label")
         expected = expected_ids(rows)
-        logger = stage_logger()
+        logger = log
         if self.cfg.label_studio is not None:
             title = f"alignflow {folder.name} {mlflow.active_run().info.run_id[:8] if mlflow.active_run() else ''}"
             scores, stored, project = wait_for_pairs(self.cfg.label_studio, rows, title.strip(),
@@ -266,42 +255,34 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
     one, accepted ones persisted to labels.partial.jsonl at once."""
     import time
 
-    from prefect.context import FlowRunContext
-    from prefect.exceptions import FlowPauseTimeout
-    from prefect.flow_runs import pause_flow_run
-
-    from tasks import stage_logger
-
-    context = FlowRunContext.get()
-    if context is None:
+    orchestrator = host.current()
+    flow_run_id = orchestrator.run_id()
+    if flow_run_id is None:
         raise RuntimeError("rank.ranker: human pauses a Prefect flow run for labels: run it in `alignflow run`, "
-                           "or give a labels file (rank.ranker.labels)")
-    logger = stage_logger()
+                          "or give a labels file (rank.ranker.labels)")
+    logger = log
     partial = folder / "labels.partial.jsonl"
     labelled: dict[str, dict[str, int]] = {}
     if partial.is_file():  # an earlier attempt of this stage: keep what was labelled then
         labelled = {r["prompt_id"]: r["ranks"] for r in map(json.loads, partial.read_text().splitlines())
                     if r["prompt_id"] in expected}
         logger.info("%d prompts already labelled in %s", len(labelled), partial)
-    flow_run_id = str(context.flow_run.id)
-    publish_instructions(flow_run_id, jsonl, table, len(expected))
+    publish_instructions(orchestrator, flow_run_id, jsonl, table, len(expected))
     logger.info("waiting for labels of %d prompts: candidates in %s; send them with `alignflow label import %s "
                 "FILE` or the Resume form of this flow run in the Prefect UI", len(expected), table, flow_run_id)
     deadline = time.monotonic() + cfg.timeout_hours * 3600
     rejected, done = None, False
-    Labels = labels_input()
     while len(labelled) < len(expected) and not done:
         left = deadline - time.monotonic()
-        set_status(flow_run_id, {"candidates_jsonl": str(jsonl), "candidates_csv": str(table),
+        orchestrator.set_status({"candidates_jsonl": str(jsonl), "candidates_csv": str(table),
                                  "partial_labels": str(partial), "expected": expected,
                                  "labelled": sorted(labelled), "rejected": rejected})
         description = (f"{len(labelled)} of {len(expected)} prompts labelled. Candidates: {jsonl} (or {table}). "
                        + (f"**Last batch rejected**: {rejected}. " if rejected else "")
                        + "Each label: a prompt_id and ranks {candidate_id: rank}, 1 = best.")
         try:
-            batch = pause_flow_run(wait_for_input=Labels.with_initial_data(description=description),
-                                   timeout=max(1, int(left)), poll_interval=cfg.poll_seconds)
-        except FlowPauseTimeout:
+            batch = orchestrator.wait_for_input(Labels, description, timeout_s=max(1.0, left), poll_s=cfg.poll_seconds)
+        except TimeoutError:
             raise TimeoutError(f"no labels for {len(expected) - len(labelled)} of {len(expected)} prompts within "
                                f"{cfg.timeout_hours} h; the candidates are in {jsonl} and {table}, the labels "
                                f"received so far in {partial} (a rerun of the stage keeps them)") from None
@@ -317,70 +298,20 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
                                       for p, r in labelled.items()), partial)
         logger.info("%d labels received (%d of %d prompts labelled)%s", len(new), len(labelled), len(expected),
                     "; done" if done else "")
-    set_status(flow_run_id, {"candidates_jsonl": str(jsonl), "partial_labels": str(partial), "expected": expected,
+    orchestrator.set_status({"candidates_jsonl": str(jsonl), "partial_labels": str(partial), "expected": expected,
                              "labelled": sorted(labelled), "rejected": None, "finished": True})
     return labelled
 
 
-def set_status(flow_run_id: str, status: dict) -> None:
-    """What the paused stage waits for, as a flow run input (read by `alignflow label`). Prefect's flow
-    run inputs cannot be updated in place, so each status is a new key `<STATUS_KEY>-<n>`, written
-    before the earlier ones are deleted: a reader always finds one (read_status takes the latest)."""
-    from uuid import UUID
-
-    from prefect.input import create_flow_run_input, delete_flow_run_input, filter_flow_run_input
-
-    run = UUID(flow_run_id)
-    earlier = filter_flow_run_input(f"{STATUS_KEY}-", limit=1000, flow_run_id=run)
-    number = max((int(item.key.rsplit("-", 1)[1]) for item in earlier), default=0) + 1
-    create_flow_run_input(f"{STATUS_KEY}-{number:06d}", status, flow_run_id=run)
-    for item in earlier:
-        delete_flow_run_input(item.key, flow_run_id=run)
-
-
-def publish_instructions(flow_run_id: str, jsonl: Path, table: Path, prompts: int) -> None:
-    """Prefect artifacts on the flow run: what to label and how to send it back (markdown), and the
+def publish_instructions(orchestrator: host.Host, flow_run_id: str, jsonl: Path, table: Path, prompts: int) -> None:
+    """Shown on the flow run (Prefect artifacts): what to label and how to send it back (markdown), and the
     candidates themselves (a table, the CSV's rows)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     with open(table, newline="", encoding="utf-8") as f:
-        create_table_artifact(list(csv.DictReader(f)), key="labels-candidates",
-                              description="the candidates to rank (to_label.csv)")
-    create_markdown_artifact(key="labels-wanted", description="candidates waiting for human ranking", markdown=(
+        orchestrator.publish("labels-candidates", "the candidates to rank (to_label.csv)", table=list(csv.DictReader(f)))
+    orchestrator.publish("labels-wanted", "candidates waiting for human ranking", markdown=(
         f"# {prompts} prompts to rank\n\nCandidates: `{jsonl}` (JSONL) and `{table}` (CSV: fill in the `rank` "
         "column, 1 = best, every candidate of a prompt once).\n\n"
         f"- small batches: the Resume form of this flow run in the Prefect UI\n"
         f"- a file: `alignflow label import {flow_run_id} labels.csv` (or a JSONL of "
         "`{\"prompt_id\": \"p0\", \"ranks\": {\"c0\": 1, \"c1\": 2}}` rows); `--done` to finish with what is labelled\n"
         f"- progress: `alignflow label show {flow_run_id}`"))
-
-
-def read_status(flow_run_id: str) -> dict:
-    from uuid import UUID
-
-    from prefect.input import filter_flow_run_input
-
-    try:
-        run = UUID(flow_run_id)
-    except ValueError:
-        raise LookupError(f"{flow_run_id!r} is not a Prefect flow run id") from None
-    found = filter_flow_run_input(f"{STATUS_KEY}-", limit=1000, flow_run_id=run)
-    if not found:
-        raise LookupError(f"flow run {flow_run_id} is not waiting for labels (no {STATUS_KEY} input)")
-    return max(found, key=lambda item: item.key).decoded_value
-
-
-def send_labels(flow_run_id: str, path: str, done: bool = False) -> int:
-    """`alignflow label import`: check a labels file against what the paused run waits for (nothing is
-    sent when a row is bad), then resume the run with it. Returns the number of prompts sent."""
-    from uuid import UUID
-
-    from prefect.flow_runs import resume_flow_run
-
-    status = read_status(flow_run_id)
-    if status.get("finished"):
-        raise LookupError(f"flow run {flow_run_id} has all its labels already")
-    labels = read_label_file(path, status["expected"])
-    resume_flow_run(UUID(flow_run_id), run_input={"labels": [{"prompt_id": p, "ranks": r} for p, r in labels.items()],
-                                            "done": done})
-    return len(labels)

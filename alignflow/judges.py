@@ -141,7 +141,7 @@ class Judge(Ranker):
         return self
 
     def cache_pins(self) -> dict:
-        from alignflow.caching import Uncacheable, model_source
+        from alignflow.pins import Uncacheable, model_source
 
         if self.url is not None:
             raise Uncacheable(f"the judge served at {self.url} cannot be pinned by content")
@@ -294,8 +294,8 @@ def openai_client(cfg):
 def api_key(cfg) -> str:
     """The endpoint's key: a Prefect Secret block when one is named, else the environment variable; a
     server without auth (vLLM's default) takes any string."""
-    if cfg.api_key_block:
-        from prefect.blocks.system import Secret
+    if cfg.api_key_block:  # the orchestrator's secret store (tasks.host: Prefect's Secret blocks)
+        from alignflow import host
 
-        return Secret.load(cfg.api_key_block).get()
+        return host.current().secret(cfg.api_key_block)
     return os.environ.get(cfg.api_key_env) or "EMPTY"

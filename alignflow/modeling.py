@@ -184,7 +184,7 @@ def unpickle_to_safetensors(path: str | Path, home: Path, trust_remote_code: boo
 
     from transformers import AutoModelForCausalLM
 
-    from alignflow.embedded import _build_atomically
+    from alignflow.files import build_atomically
     from alignflow.refs import digest_path
 
     source = Path(path)
@@ -198,7 +198,7 @@ def unpickle_to_safetensors(path: str | Path, home: Path, trust_remote_code: boo
             if item.is_file() and item.suffix not in PICKLE_SUFFIXES and not (tmp / item.name).exists():
                 shutil.copy2(item, tmp / item.name)
 
-    return _build_atomically(target, build)
+    return build_atomically(target, build)
 
 
 def load_causal_lm(path: str, device: str, *, trust_remote_code: bool = False, revision: str | None = None,

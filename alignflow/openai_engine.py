@@ -34,7 +34,7 @@ class OpenAIEngine(Engine):
     max_retries: int = Field(default=3, ge=0)  # per request, with the openai client's backoff
 
     def cache_pins(self) -> dict:
-        from alignflow.caching import Uncacheable
+        from alignflow.pins import Uncacheable
 
         raise Uncacheable(f"the model served at {self.url} cannot be pinned by content")
 

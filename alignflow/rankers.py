@@ -74,7 +74,7 @@ class RewardModelRanker(Ranker):
     trust_remote_code: bool = False
 
     def cache_pins(self) -> dict:
-        from alignflow.caching import model_source
+        from alignflow.pins import model_source
 
         return {"reward_model": model_source(self.model, self.revision)}  # its weights, by content
 

@@ -17,6 +17,7 @@ For a vLLM server shared by a team, use the `openai` engine instead (docs/scale.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -27,6 +28,8 @@ from pydantic import Field, field_validator
 
 from alignflow.components import ENGINES, Engine
 from alignflow.launch import stop_group, stream_output
+
+log = logging.getLogger(__name__)
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
@@ -65,8 +68,6 @@ class VLLMGenerator:
         self.cfg, self.model_path, self.device, self.trust_remote_code = cfg, model_path, device, trust_remote_code
 
     def generate(self, prompts, *, n=1, sampling=None, max_new_tokens=32, batch_size=64, seed=0, progress=None):
-        from tasks import stage_logger
-
         request = {"model": self.model_path, "prompts": prompts, "n": n, "max_tokens": max_new_tokens, "seed": seed,
                    "temperature": 0.0 if sampling is None else sampling.temperature,
                    "top_p": 1.0 if sampling is None else sampling.top_p,
@@ -74,7 +75,6 @@ class VLLMGenerator:
                            "gpu_memory_utilization": self.cfg.gpu_memory_utilization, "seed": seed,
                            "max_model_len": self.cfg.max_model_len, "enforce_eager": self.cfg.enforce_eager,
                            "trust_remote_code": self.trust_remote_code}}
-        log = stage_logger()
         with tempfile.TemporaryDirectory(prefix="alignflow-vllm-") as tmp:
             request_file, answers_file = Path(tmp) / "request.json", Path(tmp) / "answers.jsonl"
             request_file.write_text(json.dumps(request))

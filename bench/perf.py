@@ -299,7 +299,7 @@ def flow_comparison(config_path: str, repeats: int) -> dict:
             print(f"[flow] repeat {r + 1}/{repeats} with Prefect: {flow_s:.1f} s (+{wall - flow_s:.1f} s start), "
                   f"peak {rss:.2f} GB", flush=True)
             if r == repeats - 1:
-                from alignflow import stages
+                from tasks import stages
 
                 heavy = [n for n, s in stages.stages().items() if (s.trains and not s.baseline_of) or n == "evaluate"]
                 for stage in heavy:  # the heavy ones (sft, dpo, evaluate), each alone from this run's outputs

@@ -70,8 +70,8 @@ def goal_lines(flawed: list[dict], clean: list[dict] | None) -> list[str]:
 
 def config_section(name: str, rows: list[dict]) -> list[str]:
     """One config's tables: accuracy per seed, per task type, and the answers' flaws (mean over seeds)."""
-    from alignflow.report import FLAW_NAMES, model_order
     from alignflow.stats import FLAWS
+    from tasks.reporting import FLAW_NAMES, model_order
 
     models = model_order({k.split(".")[0] for k in rows[0] if k.endswith(".accuracy") and k.count(".") == 1})
     walls = ", ".join(f"{r['wall_s']:.0f} s" for r in rows)

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id")
     p.add_argument("--out", default=None, help="directory (default outputs/<run_id>/report)")
     p = sub.add_parser("stage", help="rerun one stage, its inputs from an earlier flow run's outputs")
-    p.add_argument("name", help="the stage to rerun (alignflow.stages; an unknown name lists them)")
+    p.add_argument("name", help="the stage to rerun (tasks.stages; an unknown name lists them)")
     p.add_argument("--from-run", required=True, help="MLflow run id of the flow run (or of one of its stages)")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] [dotted.key=value ...]",
                    help="a config file (default: the source run's recorded config), then overrides")
@@ -184,11 +184,11 @@ def _config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
 def _stage_command(args) -> int:
     from mlflow.exceptions import MlflowException
 
-    from alignflow import stages
     from alignflow.config import ConfigError
     from alignflow.data import DataError
     from alignflow.refs import DigestMismatch
     from flows.stage import align_stage
+    from tasks import stages
 
     if args.name not in stages.rerunnable():
         print(f"alignflow stage: unknown stage {args.name!r}; stages: {', '.join(stages.rerunnable())}",
@@ -213,7 +213,8 @@ def _stage_command(args) -> int:
 def _label_command(args) -> int:
     from prefect.exceptions import FlowPauseTimeout, NotPausedError
 
-    from alignflow.human import LabelError, read_status, send_labels
+    from alignflow.human import LabelError
+    from tasks.host import read_status, send_labels
 
     try:
         if args.action == "show":
@@ -284,11 +285,11 @@ def _records_command(args) -> int:
     client = MlflowClient()
     try:
         if args.command == "compare":
-            from alignflow.compare import compare_table, find_runs, format_table
+            from flows.compare import compare_table, find_runs, format_table
 
             print(format_table(compare_table(find_runs(client, args.run_ids, args.experiment, args.last))))
         else:
-            from alignflow.report import build_report
+            from tasks.reporting import build_report
 
             print(build_report(args.run_id, args.out or os.path.join("outputs", args.run_id, "report"), client))
     except (LookupError, MlflowException) as err:

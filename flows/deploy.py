@@ -51,7 +51,7 @@ class PipelineDeployment(BaseModel):
 
 
 class StageDeployments(BaseModel):
-    """One deployment per rerunnable stage (alignflow.stages); `names` narrows them to a few."""
+    """One deployment per rerunnable stage (tasks.stages); `names` narrows them to a few."""
 
     model_config = ConfigDict(extra="forbid")
     prefix: str = "stage-"
@@ -59,7 +59,7 @@ class StageDeployments(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> StageDeployments:
-        from alignflow import stages
+        from tasks import stages
 
         known = stages.rerunnable()
         unknown = [n for n in self.names or [] if n not in known]
@@ -103,7 +103,7 @@ def _pipeline_kwargs(spec: Deployments) -> dict:
 
 
 def _stage_kwargs(spec: Deployments, stage: str) -> dict:
-    from alignflow import stages
+    from tasks import stages
 
     what = stages.get(stage).describe
     return dict(name=f"{spec.stages.prefix}{stage}", parameters={"stage": stage}, tags=["alignflow", "stage"],

@@ -5,7 +5,7 @@
 
 One Prefect flow run is one MLflow parent run; each stage is a Prefect task with its own MLflow
 child run, taking references to its inputs and returning a reference to its output. Which config
-sections and upstream outputs a stage takes is declared with the stage (alignflow.stages): the
+sections and upstream outputs a stage takes is declared with the stage (tasks.stages): the
 flow body below only says the order, and passes what differs between rounds.
 """
 
@@ -18,12 +18,13 @@ from mlflow.entities import RunInfo
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from alignflow import stages
-from alignflow.caching import RecordedKey, Uncacheable, stage_key
 from alignflow.config import PipelineConfig, load_config, validate_config
 from alignflow.modeling import pick_device
+from alignflow.pins import Uncacheable
 from alignflow.refs import ModelRef
 from alignflow.tracking import RunContext, flatten, parent_run, record_cache_hit, stale_reason
+from tasks import stages
+from tasks.caching import RecordedKey, stage_key
 
 
 def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
@@ -35,7 +36,7 @@ def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
 
 def run_stage(stage_id: str, config: PipelineConfig, ctx: RunContext, outputs: dict, **given):
     """Call one registered stage with the config sections and upstream outputs it declares (`given`
-    overrides them); with `cache: true`, through Prefect's cache keyed by alignflow.caching.
+    overrides them); with `cache: true`, through Prefect's cache keyed by tasks.caching.
 
     A cache hit is used only if its outputs can still be read with their recorded digests (else the
     stage runs again), and is recorded as the stage's MLflow child run, tagged with the run it came from."""

@@ -6,7 +6,7 @@
 
 Every stage tags its MLflow child run with its output references (`alignflow.output`: URI, sha256
 digest, run id). This flow reads them through MlflowClient, by the inputs the stage declares
-(alignflow.stages: the same declaration the whole flow wires from), checks each input's digest before
+(tasks.stages: the same declaration the whole flow wires from), checks each input's digest before
 any model loads, and records the rerun as a new parent run tagged `alignflow.rerun_of` (the source)
 and `alignflow.rerun_stage`, with the stage's child run beneath it. The source runs are only read
 (MLflow params are write-once: nothing is ever logged into a finished run). A rerun of a rerun
@@ -24,11 +24,11 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from alignflow import stages
 from alignflow.config import ConfigError, PipelineConfig, load_config, validate_config
 from alignflow.refs import ArtifactRef, parse_ref
 from alignflow.tracking import flatten, parent_run, tracking_uri
 from flows.pipeline import run_context, run_stage
+from tasks import stages
 
 StageName = Literal[tuple(stages.rerunnable())]  # a Prefect form choice per stage
 

@@ -1,14 +1,50 @@
-"""One module per stage; each stage is a Prefect task that takes and returns references, and declares
-itself (config, inputs, cache pins) with `alignflow.stages.register` in its own module."""
+"""The stage layer: one module per stage; each stage is a Prefect task that takes and returns references, and
+declares itself (config, inputs, cache pins) with `tasks.stages.register` in its own module. Beside the stages:
+the stage registry (stages.py), stage cache keys and Prefect's cache policy (caching.py), the Host that gives
+the core's components Prefect's services (host.py), the run report (reporting.py), artifact transfer
+(transfer.py), and here what the training stages share.
+
+Importing this package installs the PrefectHost (alignflow.host) and carries the core's logger `alignflow`
+into Prefect's run logs."""
 
 import logging
 from pathlib import Path
 
 import mlflow
 
+from alignflow.host import install as install_host
 from alignflow.modeling import template_fingerprint
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import record_output
+from tasks.host import PrefectHost
+
+
+class _InPrefectRun(logging.Filter):
+    """Pass a record to Prefect's API only inside a flow or task run (outside one it has nowhere to go)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def carry_core_logs() -> None:
+    """The core logs through the standard logger `alignflow` (it imports no Prefect); inside a run its
+    records go to Prefect's run log too (the UI), as `PREFECT_LOGGING_EXTRA_LOGGERS=alignflow` would do
+    when set before Prefect loads. Done here so it holds whatever was imported first."""
+    from prefect.logging.handlers import APILogHandler
+
+    core = logging.getLogger("alignflow")
+    if core.level == logging.NOTSET:
+        core.setLevel(logging.INFO)
+    if not any(isinstance(handler, APILogHandler) for handler in core.handlers):
+        handler = APILogHandler()
+        handler.addFilter(_InPrefectRun())
+        core.addHandler(handler)
+
+
+install_host(PrefectHost())
+carry_core_logs()
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -14,15 +14,15 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow.caching import stage_dir
 from alignflow.config import DPOSection
 from alignflow.launch import TrainJob, check_launch
 from alignflow.modeling import attn_implementation, build_trl_config, trainer_args
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, stage_run
 from alignflow.training import needs_ref_copy
 from tasks import preference_inputs, train_and_save
+from tasks.caching import stage_dir
+from tasks.stages import Stage, register
 
 
 def without_sft_term(args: dict) -> dict:

@@ -33,11 +33,11 @@ from alignflow.generation import answer
 from alignflow.health import answer_health, versus_sft
 from alignflow.rankers import Verifier
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.stages import MODELS, Stage, register
 from alignflow.stats import (answer_flaws, bootstrap_ci, by_task, correctness, flaw_shares, outcomes_from_scores,
                              pass_at_k, versus)
 from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
+from tasks.stages import MODELS, Stage, register
 from tasks.transfer import local_model
 
 

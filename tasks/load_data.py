@@ -16,13 +16,14 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow import embedded, stages
+from alignflow import embedded
 from alignflow.config import PipelineConfig
 from alignflow.data import SAMPLE_ROWS, load_preference_rows, write_converted, write_jsonl
 from alignflow.refs import DatasetRef, digest_path
-from alignflow.stages import Stage, register
 from alignflow.stats import FLAWS
 from alignflow.tracking import RunContext, flatten, log_dataset, record_output, stage_run
+from tasks import stages
+from tasks.stages import Stage, register
 
 
 def sources(config: PipelineConfig) -> dict:

@@ -16,8 +16,8 @@ and the run report.
 
 from __future__ import annotations
 
-import numpy as np
 import mlflow
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -27,11 +27,11 @@ from alignflow.generation import answer
 from alignflow.health import promotion_refusals
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.registry import alias_version, register, version_model_dir
-from alignflow.stages import Stage
-from alignflow.stages import register as register_stage
 from alignflow.stats import bootstrap_ci, correctness
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
+from tasks.stages import Stage
+from tasks.stages import register as register_stage
 
 
 def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:

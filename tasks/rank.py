@@ -9,16 +9,16 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow.caching import stage_dir
 from alignflow.components import Scorer
 from alignflow.config import RankSection
 from alignflow.data import read_jsonl, write_jsonl
 from alignflow.pairs import build_pairs
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.stats import agreement
-from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
+from tasks.caching import stage_dir
+from tasks.stages import Stage, register
 from tasks.transfer import local_model
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow.report import build_report
-from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, tracking_uri
 from tasks import stage_logger
+from tasks.reporting import build_report
+from tasks.stages import Stage, register
 
 
 def prefect_markdown(markdown: str, run_id: str) -> str:

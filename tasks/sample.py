@@ -7,15 +7,15 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow.caching import stage_dir
 from alignflow.config import SampleSection
 from alignflow.data import read_jsonl, write_jsonl
 from alignflow.generation import Sampling
 from alignflow.modeling import check_template, load_tokenizer
 from alignflow.refs import DatasetRef, ModelRef, digest_path
-from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
+from tasks.caching import stage_dir
+from tasks.stages import Stage, register
 
 
 def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], device: str, seed: int,

@@ -16,15 +16,15 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow import embedded
+from alignflow import embedded, files
 from alignflow.config import BaseSection, EmbeddedSpec, LoraSection
 from alignflow.data import read_jsonl
 from alignflow.modeling import (load_causal_lm, load_tokenizer, pickle_only, template_fingerprint,
                                 unpickle_to_safetensors)
 from alignflow.refs import DatasetRef, ModelRef, digest_path
-from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
+from tasks.stages import Stage, register
 from tasks.transfer import CODE_FILES, WEIGHT_FILES, call, hub_snapshot
 
 
@@ -127,7 +127,7 @@ def _measure(entry: dict, cfg: BaseSection, spec: EmbeddedSpec, lora: LoraSectio
             raise FileNotFoundError(f"{name}: no such directory or file")
         path = call(hub_snapshot, name, cfg.revision, ["*.json"])
     elif cfg.allow_pickle_weights and pickle_only(path):
-        path = str(unpickle_to_safetensors(path, embedded.home(), cfg.trust_remote_code))
+        path = str(unpickle_to_safetensors(path, files.home(), cfg.trust_remote_code))
     n_params = count_params_from_config(path, cfg.trust_remote_code, cfg.revision)
     memory = training_memory_gb(n_params, lora.enabled, ctx.device)
     entry.update({"path": path, "params": n_params, "train_memory_gb": round(memory, 4),
@@ -206,7 +206,7 @@ def check(config, device: str, out_dir) -> None:
 
 def candidate_contents(arguments: dict) -> dict:
     """The candidates by content (a hub id only at a pinned commit), beyond their names in the config."""
-    from alignflow.caching import model_source
+    from alignflow.pins import model_source
 
     cfg = arguments["cfg"]
     return {"candidates": [model_source(c, cfg.revision) for c in cfg.candidates]}

@@ -10,15 +10,15 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from alignflow.caching import stage_dir
 from alignflow.config import SFTSection
 from alignflow.data import read_jsonl
 from alignflow.launch import TrainJob, check_launch
 from alignflow.modeling import attn_implementation, build_trl_config, check_template, load_tokenizer, trainer_args
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.stages import Stage, register
 from alignflow.tracking import RunContext, flatten, log_dataset, stage_run
 from tasks import train_and_save
+from tasks.caching import stage_dir
+from tasks.stages import Stage, register
 
 
 def sft_args(cfg: SFTSection, device: str, seed: int, out_dir) -> dict:

@@ -7,10 +7,11 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from alignflow.caching import Uncacheable, fingerprint, model_source, stage_key
 from alignflow.config import load_config
+from alignflow.pins import Uncacheable, fingerprint, model_source
 from alignflow.refs import ModelRef
 from flows.pipeline import align
+from tasks.caching import stage_key
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from alignflow import stages
-from alignflow.caching import stage_key
 from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker, Scorer
 from alignflow.config import ConfigError, RankSection, load_config
 from alignflow.data import read_jsonl
 from alignflow.generation import Sampling
 from alignflow.refs import DatasetRef
+from tasks import stages
+from tasks.caching import stage_key
 from tests.conftest import ROOT, SMOKE
 
 

@@ -38,12 +38,21 @@ def test_override_is_applied_and_typed(tmp_path):
     ("rank.pairs=widest", "rank.pairs"),
     ("sample.engine=warp", "sample.engine"),
     ("rank.ranker={type: reward_model, model: rm, batch_sise: 8}", "batch_sise"),  # the component's own schema
-    ("dpo.baselines=[ppo]", "dpo.baselines"),
 ])
 def test_bad_key_or_value_names_the_key(override, named):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS[0].parent / "smoke.yaml", [override])
     assert named in str(err.value)
+
+
+def test_unknown_baseline_is_named_before_any_model_loads():
+    """Which baselines exist is the stage registry's knowledge (tasks.stages), so the stages' check names an
+    unknown one: `alignflow validate` and `run` call it before any model loads."""
+    from tasks.stages import check_config
+
+    config = load_config(CONFIGS[0].parent / "smoke.yaml", ["dpo.baselines=[ppo]"])
+    with pytest.raises(ConfigError, match=r"dpo.baselines: unknown baseline\(s\) \['ppo'\]; choose from .*rft"):
+        check_config(config, "cpu")
 
 
 def test_reward_model_ranker_needs_a_model():

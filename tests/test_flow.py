@@ -8,10 +8,10 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from alignflow import stages
 from alignflow.config import validate_config
 from alignflow.data import DataError
 from flows.pipeline import align
+from tasks import stages
 from tests.conftest import SMOKE
 
 pytestmark = pytest.mark.slow
@@ -28,6 +28,8 @@ def test_whole_flow_records_every_stage(prefect_server, smoke_config):
     client = MlflowClient()
     parent = client.get_run(results["parent_run_id"])
     assert parent.info.status == "FINISHED"
+    # MLflow's UI opens it in the model-training view, not as a GenAI app's evaluation runs
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
     assert parent.data.tags["alignflow.config_hash"] == smoke_config.digest()
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=SMOKE.parent).stdout
     assert parent.data.tags["alignflow.git_commit"] == (head.strip() or "unknown")  # the code that ran

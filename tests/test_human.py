@@ -111,7 +111,7 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
     from prefect.flow_runs import resume_flow_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from alignflow.human import read_status
+    from tasks.host import read_status
     from flows.cli import main
 
     proc, log = _start(tmp_path, prefect_api, "human", "{type: human, poll_seconds: 1}")
@@ -187,7 +187,7 @@ def test_no_labels_in_time_fails_saying_where_everything_is_and_a_rerun_keeps_wh
     from prefect.flow_runs import resume_flow_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from alignflow.human import read_status
+    from tasks.host import read_status
 
     ranker = "{type: human, poll_seconds: 1, timeout_hours: 0.02}"  # 72 s
     proc, log = _start(tmp_path, prefect_api, "human-timeout", ranker)

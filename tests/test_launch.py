@@ -178,7 +178,7 @@ def test_launch_settings_reach_accelerate_and_bad_ones_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(SMOKE, [f"dpo.launch.config_file={tmp_path / 'nope.yaml'}"])
     # on CPU an FSDP config would silently run as DDP: refused before any model loads
-    from alignflow.stages import check_config
+    from tasks.stages import check_config
 
     fsdp = Path(__file__).resolve().parents[1] / "infra" / "accelerate" / "fsdp2.yaml"
     with pytest.raises(ConfigError, match="needs CUDA"):

@@ -40,7 +40,7 @@ def test_openai_engine_answers_n_per_prompt_from_a_served_model(tiny_model_path,
 
 
 def test_a_served_engine_makes_its_stage_uncached():
-    from alignflow.caching import Uncacheable, fingerprint
+    from alignflow.pins import Uncacheable, fingerprint
 
     with pytest.raises(Uncacheable, match="cannot be pinned"):
         fingerprint(ENGINES.validate({"type": "openai", "url": "http://127.0.0.1:1/v1", "model": "m"}))

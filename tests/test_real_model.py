@@ -51,7 +51,7 @@ def test_gguf_becomes_a_safetensors_model_with_the_same_outputs(smollm2_dir):
     assert len(ours) == len(tokenizer) > 40000 and ours.chat_template == tokenizer.chat_template
     assert template_fingerprint(ours) == template_fingerprint(tokenizer)
     # the cache key pins the packaged file's content; a bare name is a hub id, not the packaged model
-    from alignflow.caching import Uncacheable, model_source
+    from alignflow.pins import Uncacheable, model_source
 
     assert model_source("embedded:smollm2-135m") == "sha256:" + source["sha256"]
     with pytest.raises(Uncacheable):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from alignflow.files import build_atomically, home
 
 if TYPE_CHECKING:  # the builders import without pydantic (bench/device_check.py on a bare GPU image)
     from alignflow.config import EmbeddedSpec
@@ -26,29 +26,8 @@ BUILD_VERSION = 5  # bump when the builders change what they make
 SPLITS = ("sft", "prompts", "eval")
 
 
-def home() -> Path:
-    return Path(os.environ.get("ALIGNFLOW_HOME", Path.home() / ".cache" / "alignflow"))
-
-
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps([BUILD_VERSION, *parts], sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _build_atomically(target: Path, build) -> Path:
-    """Build into a temporary sibling, then rename: a killed build never leaves a half-made cache entry."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():  # not a lost race with a concurrent builder
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def data_dir(spec: EmbeddedSpec) -> Path:
@@ -64,7 +43,7 @@ def data_dir(spec: EmbeddedSpec) -> Path:
 
     # without flaws the key (and the data) is what it was before flaws existed
     key = _key(sizes, spec.seed, spec.tasks, SUITE_VERSION, *([flaws] if flaws else []))
-    return _build_atomically(home() / "data" / key, build)
+    return build_atomically(home() / "data" / key, build)
 
 
 def data_path(spec: EmbeddedSpec, name: str) -> str:
@@ -102,7 +81,7 @@ def model_path(spec: EmbeddedSpec, name: str) -> str:
         texts = texts or pretraining_text(spec.seed, spec.pretrain_docs)
         return texts
 
-    tok_dir = _build_atomically(home() / "tokenizers" / corpus_key,
+    tok_dir = build_atomically(home() / "tokenizers" / corpus_key,
                                 lambda tmp: train_tokenizer(corpus() + [" ".join(WORDS)], spec.vocab_size)
                                 .save_pretrained(tmp))
     key = _key(corpus_key, hidden, layers, heads, spec.pretrain_steps)
@@ -115,7 +94,7 @@ def model_path(spec: EmbeddedSpec, name: str) -> str:
                          steps=spec.pretrain_steps, seed=spec.seed)
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
 
-    return str(_build_atomically(home() / "models" / f"{model}-{key}", build))
+    return str(build_atomically(home() / "models" / f"{model}-{key}", build))
 
 
 def resolve(spec: EmbeddedSpec, name: str, kind: str) -> str:

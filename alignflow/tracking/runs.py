@@ -23,6 +23,10 @@ from pydantic import BaseModel
 
 from alignflow.tracking.log import SECRET_MARKERS, log_params
 
+# MLflow 3's UI opens an experiment in the view its kind names; untagged, one whose runs log inputs and tables is
+# taken for a GenAI app ("Evaluation runs"). alignflow's experiments train models: the fine-tuning kind.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
 
 class RunContext(BaseModel):
     """What every stage needs to record itself: handed from the flow to each task."""
@@ -83,12 +87,11 @@ def drop_secrets(tree: Any) -> Any:
     return [drop_secrets(v) for v in tree] if isinstance(tree, list) else tree
 
 
-def prefect_tags() -> dict[str, str]:
-    from prefect.runtime import deployment, flow_run
+def orchestrator_tags() -> dict[str, str]:
+    """The flow run's ids (prefect.flow_run_id, ...), from the Host the stage layer installed (alignflow.host)."""
+    from alignflow import host
 
-    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
-            "prefect.deployment_id": deployment.id}
-    return {k: str(v) for k, v in tags.items() if v}
+    return host.current().run_tags()
 
 
 @contextmanager
@@ -97,8 +100,11 @@ def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[st
     """The flow run's MLflow run (its RunInfo: run_id, experiment_id). An exception marks it FAILED.
     The resolved config is kept as `config.json` (secrets dropped), for reruns of single stages."""
     mlflow.set_tracking_uri(tracking_uri())
-    close_dead_runs(mlflow.set_experiment(experiment).experiment_id)
-    tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **prefect_tags(),
+    found = mlflow.set_experiment(experiment)
+    if EXPERIMENT_KIND not in found.tags:  # a kind someone chose in the UI is kept
+        MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "finetuning")
+    close_dead_runs(found.experiment_id)
+    tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **orchestrator_tags(),
             **process_tags(), **(tags or {})}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         log_params(run.info.run_id, params)
@@ -113,7 +119,7 @@ def stage_run(ctx: RunContext, stage: str, params: dict[str, str] | None = None,
     """A child run for one stage, active in this thread so library callbacks log into it."""
     mlflow.set_tracking_uri(tracking_uri())
     tags = {"alignflow.stage": stage, "alignflow.config_hash": ctx.config_hash,
-            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **prefect_tags(), **process_tags(),
+            "alignflow.git_commit": git_commit(), "alignflow.device": ctx.device, **orchestrator_tags(), **process_tags(),
             **ctx.tags,
             **({"alignflow.cache_key": cache_key, "alignflow.cache_hit": "false"} if cache_key else {}),
             **(tags or {})}

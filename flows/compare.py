@@ -34,7 +34,7 @@ def find_runs(client: MlflowClient, run_ids: list[str], experiment: str | None, 
 
 def metric_keys(runs: list[Run]) -> list[str]:
     """Key eval metrics present in any of the runs, in a stable order."""
-    from alignflow.report import model_order
+    from tasks.reporting import model_order
 
     present = set().union(*(r.data.metrics for r in runs))
     keys = []

@@ -23,9 +23,9 @@ ROUND = re.compile(r"^(.+)_r(\d+)$")  # an earlier round of iterative preference
 
 
 def model_order(names) -> list[str]:
-    """Evaluated models in stage order (alignflow.stages: base, sft, dpo, its baselines), each
+    """Evaluated models in stage order (tasks.stages: base, sft, dpo, its baselines), each
     preference stage's earlier rounds just before its final model; unknown labels last."""
-    from alignflow import stages
+    from tasks import stages
 
     labels = list(stages.evaluated())
 
@@ -183,7 +183,7 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
     curves = []
     if "sft" in rec.stages and _plot_curves(rec, ["sft"], [("loss", "train loss")], out / "sft_loss.png"):
         curves.append("![SFT loss](sft_loss.png)")
-    from alignflow import stages
+    from tasks import stages
 
     preference = {name for name, stage in stages.stages().items() if stage.trains and name != "sft"}
     trained = [s for s in rec.stages if s.split(".")[0] in preference]
@@ -313,7 +313,7 @@ def _plot_flaws(m: dict, models: list[str], path: Path) -> None:
 
 def stage_rows(rec: RunRecords) -> list[list]:
     """One row per stage run of the flow run, in the registry's stage order (rounds in run order)."""
-    from alignflow import stages
+    from tasks import stages
 
     order = list(stages.stages())
     position = lambda run: order.index(run.data.tags.get("alignflow.stage", "").split(".")[0]) \

@@ -175,13 +175,17 @@ def active(config) -> list[Stage]:
 
 
 def check_config(config, device: str) -> None:
-    """Every active stage's own check (TRL configs built as `run` builds them); raises ConfigError
-    naming the stage. Loads no model."""
+    """The baselines `dpo.baselines` names, then every active stage's own check (TRL configs built as `run`
+    builds them); raises ConfigError naming the key or the stage. Loads no model."""
     import tempfile
     from pathlib import Path
 
     from alignflow.config import ConfigError
 
+    known = baselines("dpo")
+    unknown = [name for name in config.dpo.baselines if name not in known]
+    if unknown:
+        raise ConfigError(f"dpo.baselines: unknown baseline(s) {unknown}; choose from {known}")
     with tempfile.TemporaryDirectory() as tmp:
         for stage in active(config):
             if stage.check is None:
