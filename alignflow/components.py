@@ -8,7 +8,7 @@ name in one of the registries below. A config names it by that name, alone or wi
       ranker: {type: reward_model, model: org/rm, batch_size: 16}   # a name and its keys
       ranker: {type: mypkg.judges:MyJudge, threshold: 0.3}  # module:Class, imported on use
 
-A third-party component is one module: a subclass of the registry's base class, decorated with
+A third-party component is one module: a subclass of the catalog's base class, decorated with
 `@RANKERS.register("name")` (found by name once its module is imported) or named by `module:Class`
 in the config (imported then). Nothing in alignflow's core is edited to add one.
 
@@ -16,13 +16,14 @@ What a component's output depends on beyond its config (a reward model's weights
 id; human labels: nothing stable) it says in `cache_pins()`, which every stage's cache key that
 carries the component includes (alignflow.pins.fingerprint).
 
-The small name -> class registry is hand-written: torchtune's `_component_` + instantiate is the
+The small name -> class catalog is hand-written: torchtune's `_component_` + instantiate is the
 model, but it would bring torchtune (and its pinned torch) for one function.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -40,12 +41,14 @@ class Component(BaseModel):
         return {}
 
 
-class Registry:
-    """name -> Component subclass, for one kind of component."""
+class Catalog:
+    """name -> Component subclass, for one kind of component. The ones that ship with alignflow are the
+    modules of one package (alignflow.rankers, alignflow.engines), all imported on first lookup: a new
+    built-in is a new file there, with no list to edit."""
 
-    def __init__(self, kind: str, builtins: tuple[str, ...]):
+    def __init__(self, kind: str, package: str):
         self.kind = kind
-        self.builtins = builtins  # modules whose components ship with alignflow, imported on first lookup
+        self.package = package
         self.entries: dict[str, type[Component]] = {}
 
     def register(self, name: str):
@@ -61,8 +64,9 @@ class Registry:
         return sorted(self.entries)
 
     def _load_builtins(self) -> None:
-        for module in self.builtins:
-            importlib.import_module(module)
+        package = importlib.import_module(self.package)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{self.package}.{module.name}")
 
     def lookup(self, name: str) -> type[Component]:
         self._load_builtins()
@@ -156,13 +160,12 @@ class PairStrategy(Component):
 
 
 class Engine(Component):
-    """A generation engine: `open` gives a Generator for one model (alignflow.generation)."""
+    """A generation engine: `open` gives a Generator for one model (alignflow.engines)."""
 
     def open(self, model_path: str, device: str, tokenizer=None, trust_remote_code: bool = False):
         raise NotImplementedError
 
 
-RANKERS = Registry("ranker", ("alignflow.rankers", "alignflow.judges", "alignflow.human"))
-PAIRS = Registry("pair strategy", ("alignflow.pairs",))
-ENGINES = Registry("generation engine", ("alignflow.generation", "alignflow.openai_engine",
-                                         "alignflow.vllm_engine"))
+RANKERS = Catalog("ranker", "alignflow.rankers")
+PAIRS = Catalog("pair strategy", "alignflow.rankers")
+ENGINES = Catalog("generation engine", "alignflow.engines")

@@ -21,6 +21,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       field_validator, model_validator)
 
 from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker
+from alignflow.training.trainers import TRAINERS
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -135,7 +136,7 @@ class BaseSection(Section):
 
 
 class LaunchSection(Section):
-    """How a training stage's trainer runs (alignflow.launch): in the stage's own process (the default), or
+    """How a training stage's trainer runs (alignflow.training.run): in the stage's own process (the default), or
     under `accelerate launch` as `num_processes` processes in all, over `num_machines` machines, with an
     accelerate config file (infra/accelerate/: DDP, FSDP2, DeepSpeed ZeRO-2/3, multi-node) saying how.
     `mixed_precision` is passed to accelerate and sets the trainer's bf16/fp16 unless `trainer:` does."""
@@ -208,7 +209,7 @@ class TrainerSection(Section):
 
 
 class SFTSection(TrainerSection):
-    trl_config = "SFTConfig"
+    trl_config = TRAINERS["sft"].config
     data: DataSource
 
 
@@ -228,11 +229,11 @@ class DPOSection(TrainerSection):
     DPO); `baselines` train the same way on the same pairs for comparison: `rft` (SFT on the chosen
     answers only: rejection-sampling fine-tuning) and `dpo_no_sft` (this DPO minus any `sft` loss term)."""
 
-    trl_config = "DPOConfig"
+    trl_config = TRAINERS["dpo"].config
     rounds: int = Field(default=1, ge=1)
     baselines: list[str] = []  # stages registered as baselines of `dpo` (checked by tasks.stages.check_config)
     # your own preference data (a local file or hub dataset: prompt/chosen/rejected, chosen/rejected with the
-    # prompt implicit, or UltraFeedback-like scored answers; alignflow.data.load_preference_rows). Alone, DPO
+    # prompt implicit, or UltraFeedback-like scored answers; alignflow.data.preferences.load_preference_rows). Alone, DPO
     # trains on it after SFT and sampling and ranking are skipped; with `mix: true` it joins the on-policy pairs.
     data: DataSource | None = None
     mix: bool = False
@@ -259,15 +260,16 @@ class SampleSection(Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=64, gt=0)  # prompts per generate call
-    engine: EngineField = _engine  # generation engine (alignflow.generation): transformers, ...
+    engine: EngineField = _engine  # generation engine (alignflow.engines): transformers, ...
 
 
 class RankSection(Section):
     # who scores the candidates: `verifier`, `checker`, `{type: reward_model, model: DIR_OR_HUB_ID}`,
-    # `{type: ensemble, rankers: [...]}` (alignflow.rankers), `{type: judge, model: ..., url: ...}` (alignflow.judges)
+    # `{type: ensemble, rankers: [...]}` (alignflow.rankers), `{type: judge, model: ..., url: ...}`
+    # (alignflow.rankers.judge)
     ranker: RankerField = _ranker
     min_margin: float = Field(default=0.0, ge=0)  # pairs whose reward gap is at most this are ties
-    pairs: PairsField = _pairs  # which candidates make a pair (alignflow.pairs): best_worst, best_random
+    pairs: PairsField = _pairs  # which candidates make a pair (alignflow.rankers.pairs): best_worst, best_random
     # rankers the ranking is compared with, candidate pair by candidate pair (agreement, Cohen's kappa);
     # one that needs reference answers is skipped when the prompts lack them
     agree_with: list[RankerField] = Field(default=["verifier"], validate_default=True)

@@ -53,7 +53,7 @@ def model_source(name: str | None, revision: str | None = None) -> str | None:
     """What a model given by name contains: `embedded:` models are built from the config and the
     code (both in the key already), a packaged GGUF model and a local directory or file by its digest,
     a hub id only at a pinned commit."""
-    from alignflow import gguf
+    from alignflow.models import gguf
 
     if name is not None and (packaged := gguf.packaged_source(name)) is not None:
         return "sha256:" + gguf.file_digest(packaged)  # the installed file's content

@@ -38,7 +38,7 @@ class ArtifactRef(BaseModel):
     run_id: str | None = None  # the MLflow run that made it
     local_path: str | None = None  # where this machine already has it
     # fingerprint of the chat template a model renders with, or that a dataset's answers were sampled
-    # under (alignflow.modeling.template_fingerprint); stages check it before loading weights
+    # under (alignflow.models.templates.template_fingerprint); stages check it before loading weights
     chat_template: str | None = None
 
     def resolve(self) -> str:

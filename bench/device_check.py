@@ -4,8 +4,8 @@
     bash bench/device_check.sh --dry-run OUT.json    # here, on CPU: the same code on tiny models
 
 For a Llama- and a Qwen2-architecture model of ~0.5B parameters built from a config (random weights:
-speed does not depend on them) it measures, for alignflow's path (alignflow.modeling's per-device
-defaults, alignflow.training's trainers, alignflow.modeling.generate) and for plain TRL defaults:
+speed does not depend on them) it measures, for alignflow's path (alignflow.models's per-device
+defaults, alignflow.training's trainers, alignflow.models.generate.generate) and for plain TRL defaults:
 SFT tokens/s and MFU (6 x non-embedding parameters x tokens/s over the card's dense bf16 peak;
 attention FLOPs left out), sampling tokens/s, DPO pairs/s, peak GPU memory, and which fast paths were
 active (attention kernel, bf16, padding-free, Liger, torch.compile). Figures go to the JSON file named
@@ -35,9 +35,11 @@ import torch  # noqa: E402
 
 from alignflow.embedded.models import train_tokenizer  # noqa: E402
 from alignflow.embedded.suite import TASKS, pretraining_text  # noqa: E402
-from alignflow.modeling import (attn_implementation, cuda_trainer_defaults, generate, load_causal_lm,  # noqa: E402
-                                load_tokenizer, trainer_args)
-from alignflow.training import active_paths, dpo_trainer, needs_ref_copy, sft_trainer  # noqa: E402
+from alignflow.models.generate import generate
+from alignflow.models.loading import attn_implementation, load_causal_lm, load_tokenizer  # noqa: E402
+from alignflow.training.args import cuda_trainer_defaults, needs_ref_copy, trainer_args
+from alignflow.training.run import active_paths  # noqa: E402
+from alignflow.training.trainers import dpo_trainer, sft_trainer
 
 # dense bf16 peak of the cards this check is meant for (TFLOP/s, SXM, without sparsity)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -238,7 +240,7 @@ def run_sampling(model_dir: Path, prompts, device: str, new_tokens: int, alignfl
 
 def run_launched_sft(model_dir: Path, rows, device: str, steps: int, warmup: int, out: Path) -> dict:
     """The SFT path under `accelerate launch --multi_gpu`, one process per card (2 CPU ranks over gloo in the
-    dry run, as alignflow.launch launches them): world size and distributed type as the trainer saw them,
+    dry run, as alignflow.training.run launches them): world size and distributed type as the trainer saw them,
     and tokens/s over all ranks (TRL's num_tokens is gathered across processes)."""
     import subprocess
 

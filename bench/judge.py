@@ -26,7 +26,7 @@ BEGIN, END = "<!-- judge:begin -->", "<!-- judge:end -->"
 def candidates(run_id: str, tmp: str) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
-    from alignflow.data import read_jsonl
+    from alignflow.data.records import read_jsonl
 
     client = MlflowClient()
     parent = client.get_run(run_id)
@@ -40,8 +40,8 @@ def candidates(run_id: str, tmp: str) -> list[dict]:
 def main() -> int:
     import tempfile
 
-    from alignflow.judges import Judge
-    from alignflow.rankers import Verifier
+    from alignflow.rankers.judge import Judge
+    from alignflow.rankers.verifier import Verifier
     from alignflow.stats import agreement
     from bench.quality import machine
 

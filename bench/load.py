@@ -29,7 +29,8 @@ VARIANT = r"""
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from alignflow.data import load_rows, write_converted, write_jsonl
+from alignflow.data.instructions import load_rows, write_converted
+from alignflow.data.records import write_jsonl
 from alignflow.refs import digest_path
 
 src, out, variant = {src!r}, Path({out!r}), {variant!r}

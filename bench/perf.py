@@ -39,8 +39,10 @@ from datasets import Dataset  # noqa: E402
 
 from alignflow import embedded  # noqa: E402
 from alignflow.config import load_config  # noqa: E402
-from alignflow.data import load_rows  # noqa: E402
-from alignflow.modeling import generate, load_causal_lm, load_tokenizer, stop_token_ids, trainer_args  # noqa: E402
+from alignflow.data.instructions import load_rows  # noqa: E402
+from alignflow.models.generate import generate, stop_token_ids  # noqa: E402
+from alignflow.models.loading import load_causal_lm, load_tokenizer
+from alignflow.training.args import trainer_args
 
 SFT_ROWS, DPO_PAIRS, SAMPLE_PROMPTS = 960, 320, 64
 
@@ -104,7 +106,7 @@ def timed(fn) -> float:
 def sft_variants(s: Setup) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from alignflow.launch import CheckpointMarker
+    from alignflow.training.run import CheckpointMarker
 
     cfg = s.config.sft
     batch, lr = cfg.trainer["per_device_train_batch_size"], cfg.trainer["learning_rate"]
@@ -162,7 +164,7 @@ def sft_variants(s: Setup) -> dict:
 def dpo_variants(s: Setup) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    from alignflow.launch import CheckpointMarker
+    from alignflow.training.run import CheckpointMarker
 
     cfg = s.config.dpo
     batch, lr = cfg.trainer["per_device_train_batch_size"], cfg.trainer["learning_rate"]

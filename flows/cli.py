@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"alignflow: {err}", file=sys.stderr)
         return 2
-    from alignflow.data import DataError
+    from alignflow.data.records import DataError
 
     if args.command == "validate":  # what `run` checks before any model loads, nothing written
-        from alignflow.modeling import pick_device
+        from alignflow.models.loading import pick_device
         from tasks.load_data import preflight
 
         try:
@@ -185,7 +185,7 @@ def _stage_command(args) -> int:
     from mlflow.exceptions import MlflowException
 
     from alignflow.config import ConfigError
-    from alignflow.data import DataError
+    from alignflow.data.records import DataError
     from alignflow.refs import DigestMismatch
     from flows.stage import align_stage
     from tasks import stages
@@ -213,7 +213,7 @@ def _stage_command(args) -> int:
 def _label_command(args) -> int:
     from prefect.exceptions import FlowPauseTimeout, NotPausedError
 
-    from alignflow.human import LabelError
+    from alignflow.rankers.human import LabelError
     from tasks.host import read_status, send_labels
 
     try:

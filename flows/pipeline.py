@@ -19,19 +19,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from alignflow.config import PipelineConfig, load_config, validate_config
-from alignflow.modeling import pick_device
+from alignflow.models.loading import pick_device
 from alignflow.pins import Uncacheable
 from alignflow.refs import ModelRef
 from alignflow.tracking import RunContext, flatten, parent_run, record_cache_hit, stale_reason
 from tasks import stages
 from tasks.caching import RecordedKey, stage_key
-
-
-def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
-    """MLflow child-run names: `dpo`, `rft`; with rounds `dpo.round2`, `sample.rft.round2`."""
-    if stage == variant:
-        return stage if rounds == 1 else f"{stage}.round{round_}"
-    return f"{stage}.round{round_}" if variant == "dpo" else f"{stage}.{variant}.round{round_}"
+from tasks.stages import round_label, stage_name
 
 
 def run_stage(stage_id: str, config: PipelineConfig, ctx: RunContext, outputs: dict, **given):
@@ -91,7 +85,7 @@ def stage_lock(path: Path, run_name: str):
 def preference_rounds(config: PipelineConfig, variant: str, outputs: dict, ctx: RunContext) -> dict[str, ModelRef]:
     """`dpo.rounds` rounds of sample -> rank -> train from the latest policy (round 1 trains on the
     SFT model's pairs, shared by every variant). Returns {label: model}: the final policy under the
-    variant's name, earlier rounds as `<variant>_r<i>`."""
+    variant's name, earlier rounds as `<variant>_r<i>` (tasks.stages.round_label)."""
     rounds, policy, models = config.dpo.rounds, outputs["sft"], {}
     pairs = stages.output_value(outputs, stages.get(variant).inputs["pairs"])
     for r in range(1, rounds + 1):
@@ -102,8 +96,15 @@ def preference_rounds(config: PipelineConfig, variant: str, outputs: dict, ctx: 
                               name=stage_name("rank", variant, r, rounds))
         policy = run_stage(variant, config, ctx, outputs, policy=policy, pairs=pairs,
                            name=stage_name(variant, variant, r, rounds))
-        models[variant if r == rounds else f"{variant}_r{r}"] = policy
+        models[round_label(variant, r, rounds)] = policy
     return models
+
+
+def preference_baselines(config: PipelineConfig) -> list[str]:
+    """The baselines of dpo this config runs (each stage's own declaration says whether), in the config's order."""
+    listed = config.dpo.baselines
+    running = [name for name in stages.baselines("dpo") if stages.get(name).runs(config)]
+    return sorted(running, key=lambda name: listed.index(name) if name in listed else len(listed))
 
 
 def run_context(config: PipelineConfig, parent: RunInfo) -> RunContext:
@@ -136,17 +137,17 @@ def align(config: PipelineConfig | str = "configs/default.yaml", overrides: list
         out["load_data"] = run_stage("load_data", config, ctx, out)  # always runs: reads and checks the inputs
         out["select_base"] = run_stage("select_base", config, ctx, out)
         out["sft"] = run_stage("sft", config, ctx, out)
-        if config.dpo.on_policy():  # with dpo.data alone, DPO trains on the user's pairs: nothing sampled or ranked
+        if stages.get("sample").runs(config):  # with dpo.data alone, DPO trains on the user's pairs: no sampling
             out["sample"] = run_stage("sample", config, ctx, out)
             out["rank"] = run_stage("rank", config, ctx, out)
         out[stages.MODELS] = {"base": out["select_base"], "sft": out["sft"]}
-        for variant in ["dpo", *config.dpo.baselines]:
+        for variant in ["dpo", *preference_baselines(config)]:
             trained = preference_rounds(config, variant, out, ctx)
             # every round of the shipped setting is evaluated; baselines by their final model
             out[stages.MODELS] |= trained if variant == "dpo" else {variant: trained[variant]}
             out[variant] = trained[variant]
         results = out["evaluate"] = run_stage("evaluate", config, ctx, out)
-        if config.registry.enabled:  # registry state changes between runs: never cached
+        if stages.get("promote").runs(config):  # registry state changes between runs: never cached
             results["promotion"] = run_stage("promote", config, ctx, out)
         results["report"] = run_stage("report", config, ctx, out)
     return {"parent_run_id": parent.run_id, "experiment_id": parent.experiment_id, **results}

@@ -61,16 +61,16 @@ class SourceRun:
         child = self.finished(stage_run_name, "alignflow.output")
         return json.loads(child.data.tags["alignflow.output"]) if child else None
 
-    def evaluation(self) -> dict:
-        """The evaluation's results (`eval_results.json` of the evaluate run, or of the run a cache hit
-        reused): what promotion decides on."""
+    def results(self, stage: str, artifact: str) -> dict:
+        """A stage's results (its `results_artifact`, e.g. the evaluation's eval_results.json, of the stage's
+        run or of the run a cache hit reused): what promotion decides on."""
         import mlflow
 
-        child = self.finished("evaluate")
+        child = self.finished(stage)
         if child is None:
-            raise LookupError(f"flow run {self.run.info.run_id} has no finished `evaluate` stage")
+            raise LookupError(f"flow run {self.run.info.run_id} has no finished `{stage}` stage")
         source = child.data.tags.get("alignflow.cache_source_run") or child.info.run_id
-        return mlflow.artifacts.load_dict(f"runs:/{source}/eval_results.json")
+        return mlflow.artifacts.load_dict(f"runs:/{source}/{artifact}")
 
     def ref(self, stage_run_name: str, key: str | None = None) -> ArtifactRef:
         out = self.outputs(stage_run_name)
@@ -87,9 +87,9 @@ class SourceRun:
             labels = stages.evaluated()
             return {label: self.ref(name) for label, name in labels.items()
                     if label in ("base", "sft") or self.outputs(name) is not None}
-        if source == "evaluate":  # results, not a reference: read back from the run's eval_results.json
-            return self.evaluation()
         stage, _, key = source.partition(".")
+        if not key and stage in stages.stages() and stages.get(stage).results_artifact:  # results, not a reference
+            return self.results(stage, stages.get(stage).results_artifact)
         return self.ref(stage, key or None)
 
     def config(self) -> dict:

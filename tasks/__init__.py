@@ -13,9 +13,10 @@ from pathlib import Path
 import mlflow
 
 from alignflow.host import install as install_host
-from alignflow.modeling import template_fingerprint
+from alignflow.models.templates import template_fingerprint
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import record_output
+from alignflow.training.trainers import TRAINERS
 from tasks.host import PrefectHost
 
 
@@ -63,8 +64,9 @@ def preference_inputs(policy: ModelRef, pairs: DatasetRef, name: str) -> tuple[s
     """What every preference stage does before its model loads (dpo, dpo_no_sft, rft): read and log the
     pairs, load the policy's tokenizer and check that policy and pairs share its chat template.
     Returns (local path of the pairs, local policy path, tokenizer)."""
-    from alignflow.data import read_jsonl
-    from alignflow.modeling import check_template, load_tokenizer
+    from alignflow.data.records import read_jsonl
+    from alignflow.models.loading import load_tokenizer
+    from alignflow.models.templates import check_template
     from alignflow.tracking import log_dataset
 
     rows_path = str(pairs.resolve())
@@ -77,20 +79,21 @@ def preference_inputs(policy: ModelRef, pairs: DatasetRef, name: str) -> tuple[s
 
 
 def fit_rows(job, overlength: str, tokenizer):
-    """The job with the rows it trains on fitted to the trainer's max_length (alignflow.training.fit_to_length):
+    """The job with the rows it trains on fitted to the trainer's max_length (training.trainers.fit_to_length):
     over-length rows counted and logged (metrics `data.*`, one warning line), dropped ones left out of a copy
     of the rows file beside the model (the input file is never changed). Fails if no row is left."""
     import dataclasses
 
     import trl
 
-    from alignflow.data import read_jsonl, write_jsonl
+    from alignflow.data.records import read_jsonl, write_jsonl
     from alignflow.tracking import log_metrics, log_params
-    from alignflow.training import fit_to_length
+    from alignflow.training.trainers import fit_to_length
 
-    trl_config = getattr(trl, "DPOConfig" if job.trainer == "dpo" else "SFTConfig")
-    max_length = job.args.get("max_length", trl_config.max_length)
-    truncation = job.args.get("truncation_mode", trl_config.truncation_mode)
+    trl_config = getattr(trl, TRAINERS[job.trainer].config)
+    # a trainer without these fields (KTOConfig has no truncation_mode) truncates as TRL's default, keep_end
+    max_length = job.args.get("max_length", getattr(trl_config, "max_length", None))
+    truncation = job.args.get("truncation_mode", getattr(trl_config, "truncation_mode", "keep_end"))
     rows = read_jsonl(job.rows)
     kept, report = fit_to_length(rows, tokenizer, job.trainer, max_length, truncation, overlength)
     log_metrics(job.run_id, {"data.rows": report["rows"], "data.overlength_rows": report["overlength"],
@@ -121,7 +124,7 @@ def watch_preference(job, limits, tokenizer) -> list[str]:
     import trl
     from mlflow.tracking import MlflowClient
 
-    from alignflow.data import read_jsonl
+    from alignflow.data.records import read_jsonl
     from alignflow.health import answer_text, preference_watch
     from alignflow.tracking import log_metrics
 
@@ -143,7 +146,7 @@ def watch_preference(job, limits, tokenizer) -> list[str]:
 
 
 def train_and_save(job, section, tokenizer, source: ModelRef) -> ModelRef:
-    """Train as `job` says, in this process or launched (alignflow.launch), then log the saved model (weights
+    """Train as `job` says, in this process or launched (alignflow.training.run), then log the saved model (weights
     or adapter, safetensors, with its tokenizer and chat template) to the stage's run and return its
     ModelRef, which keeps the `trust_remote_code` of the `source` model it was trained from. `section` is the
     stage's config section (its `launch` and `overlength`).
@@ -152,12 +155,12 @@ def train_and_save(job, section, tokenizer, source: ModelRef) -> ModelRef:
     weights. The preference stages need it: their starting policy may itself be a LoRA SFT merged
     into its base at load time, and an adapter saved alone would name that base, not base + SFT, as
     the model beneath it (a LoRA DPO on a LoRA SFT reloaded as base + DPO and lost the SFT)."""
-    from alignflow.launch import run_training
+    from alignflow.training.run import run_training
     from tasks.transfer import call, upload_artifacts
 
     job = fit_rows(job, section.overlength, tokenizer)
     run_training(job, section.launch, stage_logger())
-    if job.trainer in ("dpo", "rft"):  # a preference stage: what DPO's users watch
+    if TRAINERS[job.trainer].preference:  # a preference stage: what DPO's users watch
         watch_preference(job, section.watch, tokenizer)
     if job.lora and job.merge_adapter:
         mlflow.set_tag("alignflow.lora_merged", "true")

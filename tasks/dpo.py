@@ -15,11 +15,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import DPOSection
-from alignflow.launch import TrainJob, check_launch
-from alignflow.modeling import attn_implementation, build_trl_config, trainer_args
+from alignflow.models.loading import attn_implementation
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import RunContext, flatten, stage_run
-from alignflow.training import needs_ref_copy
+from alignflow.training.args import build_trl_config, needs_ref_copy, trainer_args
+from alignflow.training.run import TrainJob, check_launch
+from alignflow.training.trainers import TRAINERS
 from tasks import preference_inputs, train_and_save
 from tasks.caching import stage_dir
 from tasks.stages import Stage, register
@@ -39,14 +40,14 @@ def without_sft_term(args: dict) -> dict:
 
 def dpo_args(cfg: DPOSection, device: str, seed: int, out_dir, variant: str = "dpo") -> dict:
     attn = attn_implementation(cfg.attn_implementation, device)
-    args = trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "DPOConfig", attn,
+    args = trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, TRAINERS["dpo"].config, attn,
                         cfg.launch.mixed_precision)
     return without_sft_term(args) if variant == "dpo_no_sft" else args
 
 
 def check(variant: str):
     def build(config, device: str, out_dir) -> None:
-        build_trl_config(variant, "DPOConfig", dpo_args(config.dpo, device, config.seed, out_dir, variant))
+        build_trl_config(variant, TRAINERS["dpo"].config, dpo_args(config.dpo, device, config.seed, out_dir, variant))
         check_launch("dpo", config.dpo.launch, device)
     return build
 

@@ -15,7 +15,7 @@ one drawn among those where SFT and DPO answer differently. Metric names are sta
 (`<model>.accuracy`, `<model>.accuracy.<task>`, `<model>.flaw_verbose`, `<model>.pass_at_8`,
 `<model>.win_rate_vs_sft`, ...) and go on both the evaluate run and the parent
 run, so runs compare column for column in the MLflow UI. Statistics: alignflow.stats; answers: the
-configured generation engine (alignflow.generation).
+configured generation engine (alignflow.engines).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import EvalSection, RankSection
-from alignflow.data import read_jsonl
-from alignflow.generation import answer
+from alignflow.data.records import read_jsonl
 from alignflow.health import answer_health, versus_sft
-from alignflow.rankers import Verifier
+from alignflow.rankers.verifier import Verifier
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stats import (answer_flaws, bootstrap_ci, by_task, correctness, flaw_shares, outcomes_from_scores,
                              pass_at_k, versus)
 from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
+from tasks.answers import answer
 from tasks.stages import MODELS, Stage, register
 from tasks.transfer import local_model
 
@@ -155,4 +155,4 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
 
 register(Stage(name="evaluate", task=evaluate, config={"cfg": "eval", "rank_cfg": "rank"},
                inputs={"models": MODELS, "data": "load_data.eval"},
-               describe="every model on the same held-out prompts"))
+               results_artifact="eval_results.json", describe="every model on the same held-out prompts"))

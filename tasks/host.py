@@ -100,7 +100,7 @@ def send_labels(flow_run_id: str, path: str, done: bool = False) -> int:
 
     from prefect.flow_runs import resume_flow_run
 
-    from alignflow.human import read_label_file
+    from alignflow.rankers.human import read_label_file
 
     status = read_status(flow_run_id)
     if status.get("finished"):

@@ -18,7 +18,9 @@ from prefect.cache_policies import NONE
 
 from alignflow import embedded
 from alignflow.config import PipelineConfig
-from alignflow.data import SAMPLE_ROWS, load_preference_rows, write_converted, write_jsonl
+from alignflow.data.instructions import SAMPLE_ROWS, write_converted
+from alignflow.data.preferences import load_preference_rows
+from alignflow.data.records import write_jsonl
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.stats import FLAWS
 from alignflow.tracking import RunContext, flatten, log_dataset, record_output, stage_run

@@ -22,14 +22,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import EvalSection, RegistrySection
-from alignflow.data import read_jsonl
-from alignflow.generation import answer
+from alignflow.data.records import read_jsonl
 from alignflow.health import promotion_refusals
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.registry import alias_version, register, version_model_dir
 from alignflow.stats import bootstrap_ci, correctness
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
+from alignflow.tracking.model_registry import alias_version, register, version_model_dir
 from tasks import stage_logger
+from tasks.answers import answer
 from tasks.stages import Stage
 from tasks.stages import register as register_stage
 

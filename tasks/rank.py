@@ -1,5 +1,5 @@
 """Stage 4: score every candidate with the configured ranker (alignflow.rankers), keep one pair per
-prompt by the configured pair strategy (alignflow.pairs), drop ties."""
+prompt by the configured pair strategy (alignflow.rankers.pairs), drop ties."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from prefect.cache_policies import NONE
 
 from alignflow.components import Scorer
 from alignflow.config import RankSection
-from alignflow.data import read_jsonl, write_jsonl
-from alignflow.pairs import build_pairs
+from alignflow.data.records import read_jsonl, write_jsonl
+from alignflow.rankers.pairs import build_pairs
 from alignflow.refs import DatasetRef, digest_path
 from alignflow.stats import agreement
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run

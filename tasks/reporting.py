@@ -9,7 +9,6 @@ its numbers are the MLflow numbers by construction and any run, old or remote, c
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +18,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-ROUND = re.compile(r"^(.+)_r(\d+)$")  # an earlier round of iterative preference tuning: dpo_r1
 
 
 def model_order(names) -> list[str]:
@@ -30,8 +28,8 @@ def model_order(names) -> list[str]:
     labels = list(stages.evaluated())
 
     def key(name: str):
-        match = ROUND.match(name)
-        label, round_ = (match[1], int(match[2])) if match and match[1] in labels else (name, 10**6)
+        earlier = stages.parse_round_label(name)
+        label, round_ = earlier if earlier and earlier[0] in labels else (name, 10**6)
         return (labels.index(label) if label in labels else len(labels), round_, name)
 
     return sorted(names, key=key)

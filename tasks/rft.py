@@ -11,10 +11,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import DPOSection
-from alignflow.launch import TrainJob, check_launch
-from alignflow.modeling import attn_implementation, build_trl_config, trainer_args
+from alignflow.models.loading import attn_implementation
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import RunContext, flatten, stage_run
+from alignflow.training.args import build_trl_config, trainer_args
+from alignflow.training.run import TrainJob, check_launch
+from alignflow.training.trainers import TRAINERS
 from tasks import preference_inputs, train_and_save
 from tasks.caching import stage_dir
 from tasks.dpo import PREFERENCE_INPUTS
@@ -32,12 +34,12 @@ def sft_fields(args: dict) -> dict:
 
 def rft_args(cfg: DPOSection, device: str, seed: int, out_dir) -> dict:
     attn = attn_implementation(cfg.attn_implementation, device)
-    return sft_fields(trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "SFTConfig", attn,
-                                   cfg.launch.mixed_precision))
+    return sft_fields(trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, TRAINERS["rft"].config,
+                                   attn, cfg.launch.mixed_precision))
 
 
 def check(config, device: str, out_dir) -> None:
-    build_trl_config("rft", "SFTConfig", rft_args(config.dpo, device, config.seed, out_dir))
+    build_trl_config("rft", TRAINERS["rft"].config, rft_args(config.dpo, device, config.seed, out_dir))
     check_launch("dpo", config.dpo.launch, device)
 
 

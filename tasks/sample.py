@@ -1,5 +1,5 @@
 """Stage 3: N candidate responses per prompt from the SFT model, through the configured generation
-engine (alignflow.generation; transformers by default, one prefill shared by a prompt's samples)."""
+engine (alignflow.engines; transformers by default, one prefill shared by a prompt's samples)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import SampleSection
-from alignflow.data import read_jsonl, write_jsonl
-from alignflow.generation import Sampling
-from alignflow.modeling import check_template, load_tokenizer
+from alignflow.data.records import read_jsonl, write_jsonl
+from alignflow.engines.base import Sampling
+from alignflow.models.loading import load_tokenizer
+from alignflow.models.templates import check_template
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger

@@ -3,7 +3,7 @@ on held-out SFT rows by bits per byte of the answers given the prompts in its ow
 measure that does not depend on the tokenizer); the lowest within budget wins, and the table is logged.
 
 Candidates: `embedded:<name>`, a local model directory, a `.gguf` file (converted once to safetensors,
-alignflow.gguf), or a hub id.
+alignflow.models.gguf), or a hub id.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from prefect.cache_policies import NONE
 
 from alignflow import embedded, files
 from alignflow.config import BaseSection, EmbeddedSpec, LoraSection
-from alignflow.data import read_jsonl
-from alignflow.modeling import (load_causal_lm, load_tokenizer, pickle_only, template_fingerprint,
-                                unpickle_to_safetensors)
+from alignflow.data.records import read_jsonl
+from alignflow.models.loading import load_causal_lm, load_tokenizer, pickle_only, unpickle_to_safetensors
+from alignflow.models.templates import template_fingerprint
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, record_output, stage_run
 from tasks import stage_logger
@@ -101,7 +101,7 @@ def unreachable_errors() -> tuple[type[BaseException], ...]:
     reader's struct/index errors), a directory without safetensors weights (OSError from transformers)."""
     import struct
 
-    from alignflow.gguf import GGUFError
+    from alignflow.models.gguf import GGUFError
 
     return (OSError, ValueError, KeyError, IndexError, struct.error, GGUFError)
 

@@ -1,5 +1,5 @@
 """Stage 2: supervised fine-tuning with TRL's SFTTrainer, full or LoRA, on CPU or CUDA, in the stage's
-process or launched on several (`sft.launch`, alignflow.launch).
+process or launched on several (`sft.launch`, alignflow.training.run).
 
 Loss falls on the answer only (TRL's completion-only loss on prompt/completion data), and the
 answer ends with the chat template's end-of-turn token, so the tuned model learns to stop.
@@ -11,11 +11,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import SFTSection
-from alignflow.data import read_jsonl
-from alignflow.launch import TrainJob, check_launch
-from alignflow.modeling import attn_implementation, build_trl_config, check_template, load_tokenizer, trainer_args
+from alignflow.data.records import read_jsonl
+from alignflow.models.loading import attn_implementation, load_tokenizer
+from alignflow.models.templates import check_template
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.tracking import RunContext, flatten, log_dataset, stage_run
+from alignflow.training.args import build_trl_config, trainer_args
+from alignflow.training.run import TrainJob, check_launch
+from alignflow.training.trainers import TRAINERS
 from tasks import train_and_save
 from tasks.caching import stage_dir
 from tasks.stages import Stage, register
@@ -24,12 +27,12 @@ from tasks.stages import Stage, register
 def sft_args(cfg: SFTSection, device: str, seed: int, out_dir) -> dict:
     """SFTConfig's arguments: alignflow's per-device defaults, then the section's `trainer:` keys."""
     attn = attn_implementation(cfg.attn_implementation, device)
-    return trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, "SFTConfig", attn,
+    return trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, TRAINERS["sft"].config, attn,
                         cfg.launch.mixed_precision)
 
 
 def check(config, device: str, out_dir) -> None:
-    build_trl_config("sft", "SFTConfig", sft_args(config.sft, device, config.seed, out_dir))
+    build_trl_config("sft", TRAINERS["sft"].config, sft_args(config.sft, device, config.seed, out_dir))
     check_launch("sft", config.sft.launch, device)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,14 @@ class Stage:
     # builds what `run` would build from the config (TRL's SFTConfig/DPOConfig) so a bad value fails
     # before any model loads, in `alignflow validate` as in `alignflow run`: check(config, device, out_dir)
     check: Callable[[Any, str, Any], None] | None = None
+    # a stage whose output is results, not a reference: an earlier run's output is this artifact of its run
+    # (`alignflow stage promote --from-run` reads the evaluation's eval_results.json)
+    results_artifact: str | None = None
     describe: str = ""
+
+    def runs(self, config) -> bool:
+        """Whether this config runs the stage (its own declaration: the flow body asks, it does not decide)."""
+        return self.enabled is None or self.enabled(config)
 
     def upstream(self, registry: Mapping[str, Stage]) -> set[str]:
         names = set(self.after)
@@ -171,7 +179,31 @@ def baselines(of: str) -> list[str]:
 
 def active(config) -> list[Stage]:
     """The stages a config runs, in order."""
-    return [s for s in stages().values() if s.enabled is None or s.enabled(config)]
+    return [s for s in stages().values() if s.runs(config)]
+
+
+# --- rounds of iterative preference tuning: named here, read back by the report -----------------------------
+
+ROUND = re.compile(r"^(.+)_r(\d+)$")
+
+
+def round_label(variant: str, round_: int, rounds: int) -> str:
+    """The evaluation's label of a round's model: the variant's own name for the last round, `<variant>_r<i>`
+    for earlier ones (dpo_r1)."""
+    return variant if round_ == rounds else f"{variant}_r{round_}"
+
+
+def parse_round_label(label: str) -> tuple[str, int] | None:
+    """(variant, round) of an earlier round's label (`dpo_r1` -> ("dpo", 1)); None for a final model's."""
+    match = ROUND.match(label)
+    return (match[1], int(match[2])) if match else None
+
+
+def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
+    """MLflow child-run names: `dpo`, `rft`; with rounds `dpo.round2`, `sample.rft.round2`."""
+    if stage == variant:
+        return stage if rounds == 1 else f"{stage}.round{round_}"
+    return f"{stage}.round{round_}" if variant == "dpo" else f"{stage}.{variant}.round{round_}"
 
 
 def check_config(config, device: str) -> None:

@@ -3,7 +3,7 @@ model from the Hugging Face hub (base candidates, reward models) and uploading a
 
 Only transient failures are retried (connection errors, timeouts, HTTP 429/5xx); a missing
 repository, offline mode or a bad request fails at once. Training tasks are not retried: a
-rerun resumes them from their last complete checkpoint (tasks.train_resumable).
+rerun resumes them from their last complete checkpoint (alignflow.training.run).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def smollm2_dir(alignflow_home) -> Path:
 def smoke_data(alignflow_home) -> dict[str, list[dict]]:
     from alignflow import embedded
     from alignflow.config import load_config
-    from alignflow.data import load_rows
+    from alignflow.data.instructions import load_rows
 
     spec = load_config(SMOKE).embedded
     return {split: load_rows(embedded.data_path(spec, f"embedded:{split}")) for split in embedded.SPLITS}

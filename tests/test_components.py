@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker, Scorer
 from alignflow.config import ConfigError, RankSection, load_config
-from alignflow.data import read_jsonl
-from alignflow.generation import Sampling
+from alignflow.data.records import read_jsonl
+from alignflow.engines.base import Sampling
 from alignflow.refs import DatasetRef
 from tasks import stages
 from tasks.caching import stage_key

@@ -77,7 +77,7 @@ def test_every_accelerate_config_loads_and_launches_what_it_says(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     from alignflow.config import LaunchSection
-    from alignflow.launch import launch_command
+    from alignflow.training.run import launch_command
 
     loaded = load_config_from_file(str(path))
     launch = LaunchSection(config_file=str(path))

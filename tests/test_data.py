@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignflow.data import DataError, load_rows
+from alignflow.data.instructions import load_rows
+from alignflow.data.records import DataError
 
 
 def sha(path):

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignflow import embedded
 from alignflow.config import EmbeddedSpec
 from alignflow.embedded.suite import TASKS, make_splits
-from alignflow.pairs import build_pairs
-from alignflow.rankers import Verifier
+from alignflow.rankers.pairs import build_pairs
+from alignflow.rankers.verifier import Verifier
 
 
 def test_splits_are_disjoint_diverse_and_deterministic():
@@ -54,7 +54,7 @@ def test_base_model_is_built_cached_and_rebuilt_when_missing(tiny_model_path):
 
 def test_base_model_continues_text_instead_of_answering(tiny_model_path, smoke_data):
     """Pre-trained on prose only: asked in the chat format it does not end its turn with EOS."""
-    from alignflow.modeling import generate
+    from alignflow.models.generate import generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
@@ -95,7 +95,7 @@ def test_flawed_demonstrations_take_their_share_and_are_what_they_say():
 
 def test_flaws_reach_the_converted_sft_split_only(tmp_path):
     from alignflow.config import ConfigError, load_config
-    from alignflow.data import load_rows
+    from alignflow.data.instructions import load_rows
     from tests.conftest import SMOKE
 
     spec = load_config(SMOKE, ["embedded.flaws.runon=0.25"]).embedded
@@ -114,7 +114,7 @@ def test_the_classifier_names_each_injected_flaw_and_the_checker_answers_from_th
     """The flaw classifier (evaluate, report) recognises what add_flaws injects, and the checker scores
     answers as the verifier does, from the prompt alone: for every task type, with no reference."""
     from alignflow.embedded.suite import add_flaws, solve
-    from alignflow.rankers import Checker
+    from alignflow.rankers.verifier import Checker
     from alignflow.stats import flaw_of
 
     rows = make_splits({"sft": 14 * 40}, seed=5)["sft"]
@@ -146,7 +146,7 @@ def test_prompts_without_answers_are_enough_for_the_checker(tmp_path):
                                for r in make_splits({"p": 12}, seed=1)["p"]))
     config = load_config(SMOKE, [f"sample.prompts.path={prompts}", "rank.ranker=checker"])
     assert all(r["completion"] == [] for r in preflight(config, "cpu")["prompts"][1]["sample"])
-    from alignflow.data import DataError
+    from alignflow.data.records import DataError
 
     with pytest.raises(DataError, match="row 1.*output"):  # the verifier needs them
         preflight(load_config(SMOKE, [f"sample.prompts.path={prompts}"]), "cpu")

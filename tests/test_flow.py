@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.config import validate_config
-from alignflow.data import DataError
+from alignflow.data.records import DataError
 from flows.pipeline import align
 from tasks import stages
 from tests.conftest import SMOKE
@@ -66,7 +66,7 @@ def test_whole_flow_records_every_stage(prefect_server, smoke_config):
     assert {"model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja"} <= sft_files
     assert "loss" in by_stage["sft"].data.metrics and "loss" not in parent.data.metrics
     assert "rewards/margins" in by_stage["dpo"].data.metrics
-    from alignflow.modeling import PICKLE_SUFFIXES
+    from alignflow.models.loading import PICKLE_SUFFIXES
     from tests.test_stages import artifact_paths
 
     logged = [path for run in children for path in artifact_paths(run.info.run_id)]

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alignflow.config import ConfigError, load_config, validate_config
-from alignflow.data import DataError, load_preference_rows, load_rows, write_jsonl
+from alignflow.data.instructions import load_rows
+from alignflow.data.preferences import load_preference_rows
+from alignflow.data.records import DataError, write_jsonl
 from tests.conftest import SMOKE
 
 FIELDS = ["instruction", "input", "output", "messages", "prompt", "completion", "chosen", "rejected", "role",

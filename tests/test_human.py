@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from alignflow.human import LabelError, check_labels, read_label_file, scores_from_ranks, write_exports
+from alignflow.rankers.human import LabelError, check_labels, read_label_file, scores_from_ranks, write_exports
 from tests.conftest import BIN, QUIET, SMOKE, stop_tree
 
 EXPECTED = {"p0": ["c0", "c1", "c2"], "p1": ["c0", "c1", "c2"]}
@@ -111,8 +111,8 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
     from prefect.flow_runs import resume_flow_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.host import read_status
     from flows.cli import main
+    from tasks.host import read_status
 
     proc, log = _start(tmp_path, prefect_api, "human", "{type: human, poll_seconds: 1}")
     try:
@@ -250,7 +250,7 @@ def test_pairwise_labels_come_back_from_a_real_label_studio(label_studio, smoke_
     import threading
 
     from alignflow.components import RANKERS
-    from alignflow.rankers import Verifier
+    from alignflow.rankers.verifier import Verifier
     from alignflow.stats import agreement
     from tests.test_judges import candidates
 

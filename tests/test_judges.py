@@ -9,8 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from alignflow.components import RANKERS
 from alignflow.config import ConfigError, load_config
-from alignflow.judges import Judge, PairwiseJudge, both_orders, judge_messages, parse_verdict
-from alignflow.rankers import EnsembleScorer, Verifier
+from alignflow.rankers.ensemble import EnsembleScorer
+from alignflow.rankers.judge import Judge, PairwiseJudge, both_orders, judge_messages, parse_verdict
+from alignflow.rankers.verifier import Verifier
 from alignflow.stats import agreement, pair_preferences
 from tests.conftest import SMOKE, Server, free_port
 
@@ -206,7 +207,7 @@ def test_ensemble_with_a_served_judge_through_the_flow_keeps_its_key_secret(pref
 def test_eval_prompts_without_references_are_judged_by_win_rate_against_sft(prefect_server, smoke_data, tmp_path):
     import json
 
-    from alignflow.data import DataError
+    from alignflow.data.records import DataError
     from flows.pipeline import align
     from tasks.load_data import preflight
 
@@ -246,7 +247,7 @@ def test_a_judge_config_that_cannot_work_is_refused_naming_the_key():
 def test_a_served_judge_s_key_comes_from_the_environment_or_a_prefect_secret_block(prefect_server, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from alignflow.judges import api_key
+    from alignflow.engines.endpoint import api_key
 
     Secret(value="sk-from-block").save("judge-key-test", overwrite=True)
     monkeypatch.setenv("JUDGE_KEY_TEST", "sk-from-env")

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from alignflow.config import LaunchSection, LoraSection, load_config
-from alignflow.launch import COMPLETE_MARKER, LaunchError, launch_command
+from alignflow.training.run import COMPLETE_MARKER, LaunchError, launch_command
 from tasks.dpo import dpo
 from tasks.sft import sft
 from tests.conftest import SMOKE
@@ -109,7 +109,7 @@ def kill_rank_once_checkpointed(trainer_dir: Path, job_file: str, rank: str, fou
         if list(trainer_dir.glob(f"checkpoint-*/{COMPLETE_MARKER}")):
             for proc in launched_processes(job_file):
                 try:
-                    if proc.environ().get("RANK") == rank and "alignflow.launch" in proc.cmdline():
+                    if proc.environ().get("RANK") == rank and "alignflow.training.run" in proc.cmdline():
                         proc.send_signal(signal.SIGKILL)
                         found["pid"] = proc.pid
                         return
@@ -163,7 +163,7 @@ def test_launch_settings_reach_accelerate_and_bad_ones_are_refused(tmp_path):
     cmd = launch_command(LaunchSection(num_processes=8, mixed_precision="bf16"), "cuda", ["job.json"])
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
     assert cmd[cmd.index("--num_processes") + 1] == "8" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
-    assert cmd[-3:] == ["-m", "alignflow.launch", "job.json"]
+    assert cmd[-3:] == ["-m", "alignflow.training.run", "job.json"]
     multi = LaunchSection(num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
                           main_process_port=29500)
     cmd = launch_command(multi, "cuda", ["job.json"])

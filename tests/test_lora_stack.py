@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from alignflow.config import LoraSection, RegistrySection
-from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+from alignflow.models.generate import generate
+from alignflow.models.loading import load_causal_lm, load_tokenizer
 from tasks.dpo import dpo
 from tasks.promote import promote
 from tasks.sft import sft

@@ -88,7 +88,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(pickled_model, smoke_dat
     import torch
     from safetensors.torch import load_file
 
-    from alignflow.modeling import UnsafeWeights, load_causal_lm
+    from alignflow.models.loading import UnsafeWeights, load_causal_lm
 
     folder, weights = pickled_model
     before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in Path(folder).iterdir()}

@@ -4,7 +4,7 @@ embedded model, on loopback), n per prompt, sampling parameters sent, a server t
 import pytest
 
 from alignflow.components import ENGINES
-from alignflow.generation import Sampling
+from alignflow.engines.base import Sampling
 from tests.conftest import free_port
 from tests.test_judges import judge_server
 

@@ -10,8 +10,8 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from alignflow.modeling import load_tokenizer
-from alignflow.training import fit_to_length
+from alignflow.models.loading import load_tokenizer
+from alignflow.training.trainers import fit_to_length
 from tasks.sft import sft
 from tests.test_stages import base_ref, child_run, dataset_ref
 

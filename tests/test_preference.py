@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from alignflow.config import ConfigError, load_config
-from alignflow.pairs import build_pairs
+from alignflow.rankers.pairs import build_pairs
 from alignflow.stats import (answer_flaws, bootstrap_ci, flaw_of, flaw_shares, length_controlled_win_rate,
                              outcomes_from_scores, pass_at_k, versus)
-from flows.pipeline import stage_name
 from tasks.dpo import without_sft_term
 from tasks.evaluate import differing_prompt, report_prompts
 from tasks.rft import sft_fields
+from tasks.stages import parse_round_label, round_label, stage_name
 from tests.conftest import SMOKE
 
 
@@ -47,6 +47,9 @@ def test_rounds_and_baselines_are_config_options():
         load_config(SMOKE, ["embedded.tasks=[juggling]"])
     assert [stage_name("dpo", "dpo", r, 3) for r in (1, 2)] == ["dpo.round1", "dpo.round2"]
     assert stage_name("sample", "rft", 2, 3) == "sample.rft.round2" and stage_name("dpo", "dpo", 1, 1) == "dpo"
+    # the evaluation's labels of each round's model, named in one place and read back by the report
+    assert [round_label("dpo", r, 3) for r in (1, 2, 3)] == ["dpo_r1", "dpo_r2", "dpo"]
+    assert parse_round_label("rft_r2") == ("rft", 2) and parse_round_label("dpo") is None
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():

@@ -9,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.config import ConfigError, load_config
-from alignflow.data import DataError, load_preference_rows
+from alignflow.data.preferences import load_preference_rows
+from alignflow.data.records import DataError
 from tasks.load_data import preflight
 from tests.conftest import SMOKE
 

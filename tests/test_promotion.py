@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.config import RegistrySection, load_config
-from alignflow.registry import alias_version
+from alignflow.tracking.model_registry import alias_version
 from flows.pipeline import align
 from tasks.promote import promote
 from tests.conftest import SMOKE

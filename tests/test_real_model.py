@@ -15,10 +15,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from alignflow import embedded, gguf
+from alignflow import embedded
 from alignflow.config import load_config
-from alignflow.modeling import (ChatTemplateMismatch, load_causal_lm, load_tokenizer, stop_token_ids,
-                                template_fingerprint)
+from alignflow.models import gguf
+from alignflow.models.generate import stop_token_ids
+from alignflow.models.loading import load_causal_lm, load_tokenizer
+from alignflow.models.templates import ChatTemplateMismatch, template_fingerprint
 from alignflow.refs import ModelRef, digest_path
 from tests.conftest import ROOT
 from tests.test_stages import dataset_ref
@@ -65,8 +67,8 @@ def test_gguf_becomes_a_safetensors_model_with_the_same_outputs(smollm2_dir):
 def test_sft_batches_train_on_the_answer_and_its_end_of_turn_only(smollm2_dir, smoke_data, tmp_path):
     """pad == EOS (<|im_end|>) here: the end of turn must still be a label, the prompt (system line
     included) never."""
-    from alignflow.modeling import trainer_args
-    from alignflow.training import sft_trainer
+    from alignflow.training.args import trainer_args
+    from alignflow.training.trainers import sft_trainer
 
     tokenizer = load_tokenizer(str(smollm2_dir))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -91,10 +93,10 @@ def test_sft_batches_train_on_the_answer_and_its_end_of_turn_only(smollm2_dir, s
 
 
 def test_template_mismatch_fails_before_any_weights_load(smollm2_dir, smoke_data, run_ctx, tmp_path, monkeypatch):
-    import alignflow.modeling
+    import alignflow.models.loading
     import tasks.dpo as dpo_module
 
-    monkeypatch.setattr(alignflow.modeling, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(alignflow.models.loading, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded"))
     policy = ModelRef(uri=str(smollm2_dir), local_path=str(smollm2_dir), digest=digest_path(smollm2_dir),
                       chat_template=template_fingerprint(load_tokenizer(str(smollm2_dir))))
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "x"}]}
@@ -164,7 +166,7 @@ def test_the_smollm2_recipe_end_to_end(prefect_server, smollm2_dir, tmp_path):
     eval_rows = [json.loads(line) for line in Path(config.output_dir, parent.info.run_id, "data", "eval.jsonl")
                  .read_text().splitlines()]
     prompts = [r["prompt"] for r in eval_rows[:4]]
-    from alignflow.modeling import generate
+    from alignflow.models.generate import generate
 
     sft_model = load_causal_lm(results_model_dir(stages["sft"]), "cpu")
     expect = [a[0]["text"] for a in generate(sft_model, tokenizer, prompts, max_new_tokens=16)]

@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.config import load_config
+from alignflow.training.run import COMPLETE_MARKER, last_complete_checkpoint
 from flows.pipeline import align
-from alignflow.launch import COMPLETE_MARKER, last_complete_checkpoint
 from tests.conftest import BIN, SMOKE, stop_tree
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from alignflow import embedded
 from alignflow.config import load_config
-from alignflow.modeling import load_causal_lm, load_tokenizer
+from alignflow.models.loading import load_causal_lm, load_tokenizer
 from tasks.select_base import answer_bits_per_byte
 from tests.conftest import SMOKE
 

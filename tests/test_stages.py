@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from alignflow.config import BaseSection, LoraSection, RankSection, load_config
-from alignflow.data import read_jsonl, write_jsonl
+from alignflow.data.records import read_jsonl, write_jsonl
 from alignflow.refs import DatasetRef, ModelRef, digest_path
 from tasks.dpo import dpo
 from tasks.evaluate import evaluate
@@ -185,7 +185,7 @@ def test_evaluate_scores_every_model_on_the_same_prompts(smoke_config, tiny_mode
 def test_tokenizer_without_chat_template_gets_one_that_stops(tiny_model_path, tmp_path):
     from transformers import AutoTokenizer
 
-    from alignflow.modeling import load_tokenizer
+    from alignflow.models.loading import load_tokenizer
 
     plain = AutoTokenizer.from_pretrained(tiny_model_path)
     plain.chat_template = None
@@ -203,7 +203,8 @@ def test_tokenizer_without_chat_template_gets_one_that_stops(tiny_model_path, tm
 def test_shared_prompt_sampling_matches_one_prompt_at_a_time(tiny_model_path, smoke_data):
     """Several samples per prompt share one prefill of the prompt (left-padded batch of different
     lengths); greedy decoding shows it continues exactly where a plain generate would."""
-    from alignflow.modeling import generate, load_causal_lm, load_tokenizer
+    from alignflow.models.generate import generate
+    from alignflow.models.loading import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(tiny_model_path, "cpu"), load_tokenizer(tiny_model_path)
     prompts = [r["prompt"] for r in smoke_data["eval"][:6]]

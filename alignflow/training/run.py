@@ -8,7 +8,7 @@ Both ways run the same `train(job)`: load the tokenizer and model, build the TRL
 (alignflow.training), train (resumed from the last complete checkpoint of an earlier attempt), save the
 model. A launched stage writes its `TrainJob` to `<stage dir>/launch/job.json` and runs
 
-    python -m accelerate.commands.launch [--config_file F] [--num_processes N] ... -m alignflow.launch job.json
+    python -m accelerate.commands.launch [--config_file F] [--num_processes N] ... -m alignflow.training.run job.json
 
 in a subprocess whose output streams into the stage's log (Prefect's). Only the main process logs to
 MLflow (TRL's metrics, what ran, the resumed checkpoint); the stage's own process logs the params and
@@ -27,12 +27,12 @@ launcher's process handling (streamed logs, rank errors, bounded teardown); acce
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -43,8 +43,26 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from alignflow.procs import die_with_parent, stop_group, stream_output, torchrun_root_cause
+
+
+def active_paths(trainer, model) -> dict[str, Any]:
+    """What actually ran, read from the trainer and model rather than from the config: attention kernel,
+    precision, padding-free batching, Liger kernels, torch.compile."""
+    args = trainer.args
+    return {"attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "bf16": bool(args.bf16), "fp16": bool(args.fp16),
+            "padding_free": bool(getattr(trainer, "padding_free", False)),
+            "use_liger_kernel": bool(getattr(args, "use_liger_kernel", False)),
+            "torch_compile": bool(args.torch_compile), "dtype": str(next(model.parameters()).dtype)}
+
+
 COMPLETE_MARKER = "alignflow-complete.json"
+
+
 CPU_LAUNCHABLE = ("NO", "MULTI_GPU", "MULTI_CPU")  # accelerate configs a CPU launch can honour (DDP)
+
+
 _log = logging.getLogger("alignflow")
 
 
@@ -57,7 +75,7 @@ class TrainJob:
     """Everything a training process needs, as plain JSON (it crosses into launched processes)."""
 
     stage: str            # the stage's name: sft, dpo, dpo_no_sft, rft
-    trainer: str          # which alignflow.training builder: sft | rft | dpo
+    trainer: str          # a row of alignflow.training.trainers.TRAINERS: sft | rft | dpo
     rows: str             # JSONL file of the training rows
     model: str            # local directory of the model to train
     device: str
@@ -104,20 +122,18 @@ def last_complete_checkpoint(trainer_dir: str | Path) -> Path | None:
 # --- one training process (the stage's own, or each launched rank) ----------------------------------------
 
 def build_trainer(job: TrainJob, tokenizer, callbacks: list):
-    from alignflow import training
     from alignflow.config import LoraSection
-    from alignflow.data import read_jsonl
-    from alignflow.modeling import load_causal_lm, lora_config
+    from alignflow.data.records import read_jsonl
+    from alignflow.models.loading import load_causal_lm
+    from alignflow.training.args import lora_config
+    from alignflow.training.trainers import TRAINERS
 
     rows = read_jsonl(job.rows)
     peft = lora_config(LoraSection(**job.lora)) if job.lora else None
     load = lambda: load_causal_lm(job.model, job.device, attn=job.attn,  # noqa: E731
                                   trust_remote_code=job.trust_remote_code)
-    if job.trainer == "dpo":
-        ref_model = load() if job.ref_copy else None
-        return training.dpo_trainer(load(), tokenizer, rows, job.args, peft, ref_model, callbacks)
-    build = {"sft": training.sft_trainer, "rft": training.rft_trainer}[job.trainer]
-    return build(load(), tokenizer, rows, job.args, peft, callbacks)
+    ref_model = load() if job.ref_copy else None
+    return TRAINERS[job.trainer].build(load(), tokenizer, rows, job.args, peft, ref_model, callbacks)
 
 
 def train(job: TrainJob, log: logging.Logger | logging.LoggerAdapter = _log) -> dict[str, Any]:
@@ -125,9 +141,11 @@ def train(job: TrainJob, log: logging.Logger | logging.LoggerAdapter = _log) -> 
     Returns what ran, read from the trainer: steps, loss, world size, distributed type."""
     from mlflow.tracking import MlflowClient
 
-    from alignflow.modeling import load_tokenizer, stop_token_ids
+    from alignflow.models.generate import stop_token_ids
+    from alignflow.models.loading import load_tokenizer
     from alignflow.tracking import MlflowMetricsCallback, flatten, log_params
-    from alignflow.training import active_paths, lora_targets
+    from alignflow.training.args import lora_targets
+    from alignflow.training.run import active_paths
 
     if job.device == "cuda" and "LOCAL_RANK" in os.environ:  # each rank loads onto its own card
         import torch
@@ -252,7 +270,7 @@ def launch_command(launch, device: str, script_args: list[str], precision: str =
             cmd += [f"--{key}", str(getattr(launch, key))]
     if launch.main_process_port is None and launch.num_machines == 1 and launch.config_file is None:
         cmd += ["--main_process_port", "0"]  # a free port: two launches on one machine must not collide
-    return [*cmd, "-m", "alignflow.launch", *script_args]
+    return [*cmd, "-m", "alignflow.training.run", *script_args]
 
 
 def launch_env(launch, device: str) -> dict[str, str]:
@@ -267,9 +285,6 @@ def launch_env(launch, device: str) -> dict[str, str]:
     return env
 
 
-PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar: logged at most every few seconds
-
-
 def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter = _log,
              stop_grace: float = 30) -> dict[str, Any]:
     """Run `train(job)` on every rank of an accelerate launch; stream its output into `log`."""
@@ -277,14 +292,18 @@ def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter 
     shutil.rmtree(workdir / "errors", ignore_errors=True)
     (workdir / "errors").mkdir(parents=True, exist_ok=True)
     (workdir / "result.json").unlink(missing_ok=True)
-    (workdir / "job.json").write_text(json.dumps(asdict(job), indent=1))
+    from alignflow.training.trainers import TRAINERS
+
+    # a row added outside alignflow: the rank (a fresh interpreter) imports the module that defines its builder
+    builder = TRAINERS[job.trainer].build.__module__
+    (workdir / "job.json").write_text(json.dumps(asdict(job) | {"trainer_module": builder}, indent=1))
     precision = "bf16" if job.args.get("bf16") else "fp16" if job.args.get("fp16") else "no"
     cmd = launch_command(launch, job.device, [str(workdir / "job.json")], precision)
     log.info("%s: launching %s", job.stage, " ".join(cmd[1:]))
     tail: list[str] = []
     with open(workdir / "launch.log", "ab") as saved:
         proc = subprocess.Popen(cmd, env=launch_env(launch, job.device), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         try:
             stream_output(proc, log, tail, saved)
             code = proc.wait()
@@ -296,71 +315,12 @@ def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter 
     raise LaunchError(_failure(job.stage, workdir, code, tail))
 
 
-def stream_output(proc: subprocess.Popen, log, tail: list[str], saved=None, keep: int = 60) -> None:
-    """Copy a child's output (a binary stdout pipe) line by line to `log`, progress bars throttled to one
-    line per 5 s, and as it comes to the binary file `saved` if given; `tail` keeps its last `keep` lines
-    (for the root cause of a failure). Used by launched training and the vLLM worker."""
-    last_bar, pending = 0.0, b""
-    for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-        if saved is not None:
-            saved.write(chunk)
-            saved.flush()
-        *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-        for raw in lines:
-            line = raw.decode(errors="replace").rstrip()
-            if not line.strip():
-                continue
-            tail[:] = (tail + [line])[-keep:]
-            if PROGRESS.search(line):
-                if time.monotonic() - last_bar < 5:
-                    continue
-                last_bar = time.monotonic()
-            log.info("%s", line)
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
-    """Nothing launched outlives the stage: SIGTERM to the launch's process group, at most `grace`
-    seconds for it to go, then SIGKILL (a no-op when the launch has ended and taken its ranks along)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break  # the whole group is gone
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _group_alive(proc):
-            time.sleep(0.1)
-        if not _group_alive(proc):
-            break
-    if proc.stdout:
-        proc.stdout.close()
-
-
-def _group_alive(proc: subprocess.Popen) -> bool:
-    proc.poll()  # reaps the launcher itself once it has exited
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _die_with_parent() -> None:
-    """In the launcher, before exec: SIGTERM it if the stage's process dies (even by SIGKILL), so that
-    no rank trains on for a stage that no longer exists (Linux; elsewhere the stage's teardown does it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _failure(stage: str, workdir: Path, code: int, tail: list[str]) -> str:
     """The rank that failed first, as the launcher's root-cause report names it, with its own error when it
     wrote one (a rank killed by a signal writes none; the others then fail on the broken connection)."""
     errors = {e["rank"]: e for e in (json.loads(p.read_text()) for p in (workdir / "errors").glob("rank-*.json"))}
     where = f"(full output in {workdir / 'launch.log'})"
-    root = _root_cause(tail)
+    root = torchrun_root_cause(tail)
     if root is not None:
         rank, reason = root
         if rank in errors:
@@ -373,23 +333,13 @@ def _failure(stage: str, workdir: Path, code: int, tail: list[str]) -> str:
     return f"{stage}: launched training exited with code {code}: " + " | ".join(said[-8:]) + f" {where}"
 
 
-def _root_cause(tail: list[str]) -> tuple[int, str] | None:
-    """(rank, reason) from torch.distributed's `Root Cause (first observed failure)` report, if any."""
-    if not any("Root Cause" in line for line in tail):
-        return None
-    block = tail[max(i for i, line in enumerate(tail) if "Root Cause" in line):]
-    rank = next((re.search(r"rank\s*:\s*(\d+)", line) for line in block if re.search(r"^\s*rank\s*:", line)), None)
-    said = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in block if ":" in line}
-    reason = next((said[k] for k in ("traceback", "exitcode") if k in said and "N/A" not in said[k]
-                   and "To enable traceback" not in said[k]), "")
-    return (int(rank.group(1)), reason) if rank else None
-
-
 def _rank_main(job_file: str) -> None:
     """A launched rank: run `train`, write the result (main rank) or this rank's error."""
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', 0)}] %(message)s")
     workdir = Path(job_file).parent
-    job = TrainJob(**json.loads(Path(job_file).read_text()))
+    payload = json.loads(Path(job_file).read_text())
+    importlib.import_module(payload.pop("trainer_module", "alignflow.training.trainers"))
+    job = TrainJob(**payload)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         result = train(job)

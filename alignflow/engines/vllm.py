@@ -5,7 +5,7 @@ of its own, since vLLM pins torch and transformers versions alignflow's environm
       engine: {type: vllm, python: /opt/vllm/bin/python, tensor_parallel_size: 1, gpu_memory_utilization: 0.85}
 
 Each `generate` call writes the prompts and sampling settings to a request file and runs
-alignflow/vllm_worker.py (standard library and vllm only) with that interpreter; the worker loads the model
+alignflow/workers/vllm_worker.py (standard library and vllm only) with that interpreter; the worker loads the model
 directory the stage is given (for sampling, the SFT model, saved with its chat template), answers every
 prompt n times and writes one JSON line per prompt. Its output streams into the stage's log; a worker that
 fails fails the stage with its last lines. `ended` is vLLM's `finish_reason == "stop"`. The model is named
@@ -27,11 +27,11 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from alignflow.components import ENGINES, Engine
-from alignflow.launch import stop_group, stream_output
+from alignflow.procs import stop_group, stream_output
 
 log = logging.getLogger(__name__)
 
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(__file__).parents[1] / "workers" / "vllm_worker.py"
 
 
 class VLLMError(RuntimeError):
@@ -92,7 +92,7 @@ class VLLMGenerator:
                 watchdog.cancel()
                 stop_group(proc, 10)  # whatever of it is left, as the stage ends or fails
             if code != 0 or not answers_file.is_file():
-                raise VLLMError(f"vLLM worker ({self.cfg.python}) exited with code {code}: {_root_cause(tail)}")
+                raise VLLMError(f"vLLM worker ({self.cfg.python}) exited with code {code}: {_error_lines(tail)}")
             answers = [json.loads(line) for line in answers_file.read_text().splitlines() if line.strip()]
         if len(answers) != len(prompts) or any(len(a) != n for a in answers):
             raise VLLMError(f"vLLM worker answered {len(answers)} of {len(prompts)} prompts (n={n} each expected)")
@@ -102,7 +102,7 @@ class VLLMGenerator:
         pass
 
 
-def _root_cause(lines: list[str]) -> str:
+def _error_lines(lines: list[str]) -> str:
     """vLLM reports a failure from several processes; its first distinct error lines name the cause."""
     errors = list(dict.fromkeys(line.strip() for line in lines if "Error:" in line or "error:" in line))
     return "\n".join(errors[:4] + lines[-3:])

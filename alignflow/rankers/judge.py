@@ -27,8 +27,6 @@ variable or a Prefect Secret block and is never logged.
 
 from __future__ import annotations
 
-import itertools
-import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +36,8 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from alignflow.components import RANKERS, Ranker, Scorer
+from alignflow.engines.endpoint import openai_client
+from alignflow.rankers.tournament import candidate_pairs, win_rates
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
@@ -47,13 +47,21 @@ SYSTEM = (
     "biases and ensure that the order in which the responses were presented does not influence your decision. Do "
     "not allow the length of the responses to influence your evaluation. Do not favor certain names of the "
     "assistants. Be as objective as possible. {verdict}")
+
+
 EXPLAIN = "Begin your evaluation by comparing the two responses and provide a short explanation. "
+
+
 VERDICT = {True: 'After providing your explanation, output your final verdict by strictly following this format: '
                  '"[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.',
            False: 'Output only your final verdict, strictly in this format: "[[A]]" if assistant A is better, '
                   '"[[B]]" if assistant B is better, and "[[C]]" for a tie.'}
+
+
 USER = ("[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]"
         "\n\n[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]")
+
+
 VERDICT_RE = re.compile(r"\[\[([ABC])\]\]")
 
 
@@ -62,30 +70,6 @@ def judge_messages(prompt: list[dict], a: str, b: str, explain: bool) -> list[di
     question = "\n\n".join(m["content"] for m in prompt if m["role"] != "assistant")
     return [{"role": "system", "content": SYSTEM.format(explain=EXPLAIN if explain else "", verdict=VERDICT[explain])},
             {"role": "user", "content": USER.format(question=question, a=a, b=b)}]
-
-
-def candidate_pairs(texts: list[str], max_pairs: int | None, rng: random.Random) -> list[tuple[int, int]]:
-    """(i, j), i < j, for every pair of distinct candidates of one prompt, or `max_pairs` of them drawn
-    with `rng` (the judge's tournament cap; Label Studio's tasks per prompt)."""
-    pairs = [(i, j) for i, j in itertools.combinations(range(len(texts)), 2) if texts[i] != texts[j]]
-    if max_pairs is not None and len(pairs) > max_pairs:
-        pairs = sorted(rng.sample(pairs, max_pairs))
-    return pairs
-
-
-def win_rates(candidates: list[list[str]], games: list[tuple[int, int, int]], outcomes: list[float]
-              ) -> list[list[float]]:
-    """Per prompt, each candidate's share of its pairwise games won (a tie counts half); `games` are
-    (prompt index, i, j) with outcome 1.0 when i won. A candidate in no game (an identical copy of
-    another, or one a cap left out) scores 0.5."""
-    wins = [[0.0] * len(c) for c in candidates]
-    played = [[0] * len(c) for c in candidates]
-    for (k, i, j), p in zip(games, outcomes):
-        wins[k][i] += p
-        wins[k][j] += 1 - p
-        played[k][i] += 1
-        played[k][j] += 1
-    return [[w / g if g else 0.5 for w, g in zip(ws, gs)] for ws, gs in zip(wins, played)]
 
 
 def parse_verdict(text: str) -> str | None:
@@ -128,7 +112,7 @@ class Judge(Ranker):
 
     @model_validator(mode="after")
     def _usable(self) -> Judge:
-        from alignflow import gguf
+        from alignflow.models import gguf
 
         if self.explain and self.url is None:
             raise ValueError("explain: the local judge reads its verdict from probabilities, not text")
@@ -154,7 +138,8 @@ class Judge(Ranker):
                                                  self.trust_remote_code))
 
     def local_path(self, fetch=None) -> str:
-        from alignflow import embedded, gguf
+        from alignflow import embedded
+        from alignflow.models import gguf
 
         if gguf.is_gguf(self.model) or gguf.packaged_source(self.model) is not None:
             return embedded.resolve(None, self.model, "model")  # converted once to safetensors
@@ -224,7 +209,7 @@ class LocalVerdicts:
     OPTIONS = ("A", "B", "C")
 
     def __init__(self, path: str, device: str, batch_size: int, trust_remote_code: bool):
-        from alignflow.modeling import load_causal_lm, load_tokenizer
+        from alignflow.models.loading import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.model = load_causal_lm(path, device, trust_remote_code=trust_remote_code).eval()
@@ -281,21 +266,3 @@ class HttpVerdicts:
 
     def close(self) -> None:
         self.client.close()
-
-
-def openai_client(cfg):
-    """The `openai` client of a served component (the judge, the openai engine: `url`, the key's
-    source, `timeout`, `max_retries`)."""
-    from openai import OpenAI
-
-    return OpenAI(base_url=cfg.url, api_key=api_key(cfg), timeout=cfg.timeout, max_retries=cfg.max_retries)
-
-
-def api_key(cfg) -> str:
-    """The endpoint's key: a Prefect Secret block when one is named, else the environment variable; a
-    server without auth (vLLM's default) takes any string."""
-    if cfg.api_key_block:  # the orchestrator's secret store (tasks.host: Prefect's Secret blocks)
-        from alignflow import host
-
-        return host.current().secret(cfg.api_key_block)
-    return os.environ.get(cfg.api_key_env) or "EMPTY"

@@ -3,7 +3,7 @@
 The rank stage creates a Label Studio project with its `<Pairwise>` template, one task per pair of a
 prompt's distinct candidates (left and right in a seeded random order, so no answer is always shown
 first), and waits, polling the project, until every task has an annotation (or the human ranker's
-timeout). Each prompt's candidates are then ranked by the pairs they won (alignflow.judges.win_rates),
+timeout). Each prompt's candidates are then ranked by the pairs they won (alignflow.rankers.tournament.win_rates),
 as the LLM judge ranks them. The client is `label-studio-sdk` (`pip install 'alignflow[labelstudio]'`);
 the server runs from its own environment, since Label Studio pins Django and more:
 
@@ -47,7 +47,7 @@ def client(cfg: LabelStudioSection):
 
 def pair_tasks(rows: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
     """One task per pair of a prompt's distinct candidates (rows: the human ranker's export rows)."""
-    from alignflow.judges import candidate_pairs
+    from alignflow.rankers.tournament import candidate_pairs
 
     rng, tasks = random.Random(seed), []
     for k, row in enumerate(rows):
@@ -86,7 +86,7 @@ def wait_for_pairs(cfg: LabelStudioSection, rows: list[dict], title: str, timeou
                    seed: int, log) -> tuple[list[list[float]], list[dict], int]:
     """Create the project, wait until every task is annotated, return (scores per prompt, the stored
     labels, project id). Past the timeout: TimeoutError naming the project and how many are labelled."""
-    from alignflow.judges import win_rates
+    from alignflow.rankers.tournament import win_rates
 
     tasks = pair_tasks(rows, cfg.max_pairs, seed)
     project = create_project(cfg, title, tasks)

@@ -1,6 +1,11 @@
-"""TRL trainers built the way every alignflow stage builds them.
+"""TRL trainers built the way every alignflow stage builds them, and the one table that says, per trainer,
+which TRL config class its section's `trainer` keys feed, how it is built and which answers it learns.
 
-    from alignflow.training import sft_trainer, dpo_trainer
+    from alignflow.training.trainers import TRAINERS
+    trainer = TRAINERS["dpo"].build(model, tokenizer, pairs, args, peft_config, ref_model, callbacks)
+
+A new TRL trainer is one row here (`TRAINERS["orpo"] = Trainer(...)`, from any module) plus its stage module
+under tasks/ (docs/extending.md).
 
 Imports neither Prefect nor MLflow (nor pydantic), so bench/device_check.py runs these exact code
 paths on a GPU machine that has only torch, transformers, peft, accelerate and TRL's wheels.
@@ -8,6 +13,8 @@ paths on a GPU machine that has only torch, transformers, peft, accelerate and T
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,7 +24,8 @@ def _dataset(rows: list[dict], keys: tuple[str, ...]):
     return Dataset.from_list([{k: r[k] for k in keys} for r in rows])
 
 
-def sft_trainer(model, tokenizer, rows: list[dict], args: dict[str, Any], peft_config=None, callbacks=()):
+def sft_trainer(model, tokenizer, rows: list[dict], args: dict[str, Any], peft_config=None, ref_model=None,
+                callbacks=()):
     """TRL's SFTTrainer on conversational prompt/completion rows: the loss falls on the completion only."""
     from trl import SFTConfig, SFTTrainer
 
@@ -25,10 +33,11 @@ def sft_trainer(model, tokenizer, rows: list[dict], args: dict[str, Any], peft_c
                       processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
 
 
-def rft_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_config=None, callbacks=()):
+def rft_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_config=None, ref_model=None,
+                callbacks=()):
     """Rejection-sampling fine-tuning: SFT on the chosen answers of preference pairs."""
     rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
-    return sft_trainer(model, tokenizer, rows, args, peft_config, callbacks)
+    return sft_trainer(model, tokenizer, rows, args, peft_config, callbacks=callbacks)
 
 
 def dpo_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_config=None, ref_model=None,
@@ -44,7 +53,23 @@ def dpo_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_
                       peft_config=peft_config, callbacks=list(callbacks))
 
 
-ANSWERS = {"sft": ("completion",), "rft": ("chosen",), "dpo": ("chosen", "rejected")}  # what each trainer learns
+@dataclass(frozen=True)
+class Trainer:
+    """One TRL trainer as alignflow runs it."""
+
+    config: str  # the TRL config class (`trl.<config>`) that a stage's `trainer` keys feed
+    # build(model, tokenizer, rows, args, peft_config, ref_model, callbacks) -> a TRL trainer; `ref_model` is a
+    # second copy of the policy when the stage asks for one (TrainJob.ref_copy), else None
+    build: Callable[..., Any]
+    answers: tuple[str, ...]  # the row keys holding what it learns (fitted to max_length with the prompt)
+    preference: bool = False  # trained on preference pairs: the preference watch reads its run (tasks.watch_preference)
+
+
+TRAINERS: dict[str, Trainer] = {
+    "sft": Trainer("SFTConfig", sft_trainer, ("completion",)),
+    "rft": Trainer("SFTConfig", rft_trainer, ("chosen",), preference=True),
+    "dpo": Trainer("DPOConfig", dpo_trainer, ("chosen", "rejected"), preference=True),
+}
 
 
 def fit_to_length(rows: list[dict], tokenizer, trainer: str, max_length: int | None, truncation_mode: str,
@@ -62,7 +87,8 @@ def fit_to_length(rows: list[dict], tokenizer, trainer: str, max_length: int | N
 
     kept, over, dropped, longest = [], [], 0, 0
     for i, row in enumerate(rows, start=1):
-        tokens = max(length(row["prompt"] + row.get(key, [])) for key in ANSWERS[trainer])  # a key missing: TRL says
+        # a key missing: TRL says so
+        tokens = max(length(row["prompt"] + row.get(key, [])) for key in TRAINERS[trainer].answers)
         longest = max(longest, tokens)
         if max_length is None or tokens <= max_length:
             kept.append(row)
@@ -75,26 +101,3 @@ def fit_to_length(rows: list[dict], tokenizer, trainer: str, max_length: int | N
             kept.append(row)
     return kept, {"rows": len(rows), "overlength": len(over), "dropped": dropped, "max_tokens": longest,
                   "examples": over[:5]}
-
-
-def needs_ref_copy(args: dict[str, Any], lora: bool) -> bool:
-    """Whether DPO needs a second copy of the starting policy as its reference (see dpo_trainer)."""
-    return not (lora or args.get("precompute_ref_log_probs"))
-
-
-def lora_targets(model) -> list[str]:
-    """The module names a PEFT model's LoRA adapter resolved to (e.g. `all-linear` on a Llama:
-    q/k/v/o_proj, gate/up/down_proj; never lm_head)."""
-    config = getattr(model, "peft_config", {}).get("default")
-    return sorted(config.target_modules) if config is not None else []
-
-
-def active_paths(trainer, model) -> dict[str, Any]:
-    """What actually ran, read from the trainer and model rather than from the config: attention kernel,
-    precision, padding-free batching, Liger kernels, torch.compile."""
-    args = trainer.args
-    return {"attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "bf16": bool(args.bf16), "fp16": bool(args.fp16),
-            "padding_free": bool(getattr(trainer, "padding_free", False)),
-            "use_liger_kernel": bool(getattr(args, "use_liger_kernel", False)),
-            "torch_compile": bool(args.torch_compile), "dtype": str(next(model.parameters()).dtype)}

@@ -41,9 +41,9 @@ from pydantic import BaseModel, Field
 
 from alignflow import host
 from alignflow.components import RANKERS, Ranker, Scorer
-from alignflow.data import DataError
+from alignflow.data.records import DataError
 from alignflow.files import write_text_atomically
-from alignflow.labelstudio import LabelStudioSection
+from alignflow.rankers.labelstudio import LabelStudioSection
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def read_label_file(path: str, expected: dict[str, list[str]]) -> dict[str, dict
                 first_row.setdefault(pid, line)
         labels = [{"prompt_id": pid, "ranks": ranks} for pid, ranks in grouped.items()]
         return check_labels(labels, expected, path, [first_row[pid] for pid in grouped])
-    from alignflow.data import read_records
+    from alignflow.data.records import read_records
 
     if file.suffix not in (".jsonl", ".json"):
         raise LabelError(path, f"unsupported file type {file.suffix!r}: use the exported .csv, or .jsonl / .json")
@@ -177,7 +177,7 @@ class Human(Ranker):
     timeout_hours: float = Field(default=72.0, gt=0)  # then the stage fails, saying where everything is
     poll_seconds: float = Field(default=10.0, gt=0)  # how often the paused flow asks the API for labels
     labels: str | None = None  # a labels file collected earlier (CSV or JSONL): used instead of pausing
-    # pairwise labels in a Label Studio project instead (alignflow.labelstudio): {url, api_key_env, max_pairs}
+    # pairwise labels in a Label Studio project instead (alignflow.rankers.labelstudio): {url, api_key_env, max_pairs}
     label_studio: LabelStudioSection | None = None
 
     def cache_pins(self) -> dict:
@@ -203,7 +203,7 @@ class HumanLabels(Scorer):
     def score_groups(self, prompts, candidates, references):
         import mlflow
 
-        from alignflow.labelstudio import wait_for_pairs
+        from alignflow.rankers.labelstudio import wait_for_pairs
         from alignflow.tracking import log_dataset
         folder = Path(self.workdir or ".")
         rows = export_rows(prompts, candidates)
@@ -307,7 +307,8 @@ def publish_instructions(orchestrator: host.Host, flow_run_id: str, jsonl: Path,
     """Shown on the flow run (Prefect artifacts): what to label and how to send it back (markdown), and the
     candidates themselves (a table, the CSV's rows)."""
     with open(table, newline="", encoding="utf-8") as f:
-        orchestrator.publish("labels-candidates", "the candidates to rank (to_label.csv)", table=list(csv.DictReader(f)))
+        orchestrator.publish("labels-candidates", "the candidates to rank (to_label.csv)",
+                             table=list(csv.DictReader(f)))
     orchestrator.publish("labels-wanted", "candidates waiting for human ranking", markdown=(
         f"# {prompts} prompts to rank\n\nCandidates: `{jsonl}` (JSONL) and `{table}` (CSV: fill in the `rank` "
         "column, 1 = best, every candidate of a prompt once).\n\n"

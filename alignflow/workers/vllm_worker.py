@@ -1,6 +1,6 @@
-"""Run by alignflow.vllm_engine with an interpreter whose environment has vllm (not alignflow's own):
+"""Run by alignflow.engines.vllm with an interpreter whose environment has vllm (not alignflow's own):
 
-    /opt/vllm/bin/python alignflow/vllm_worker.py REQUEST.json ANSWERS.jsonl
+    /opt/vllm/bin/python alignflow/workers/vllm_worker.py REQUEST.json ANSWERS.jsonl
 
 Standard library and vllm only. Answers every chat prompt of the request n times with `LLM.chat` (the
 model directory's own chat template) and writes one JSON line per prompt: [{text, ended, tokens}, ...].

@@ -2,7 +2,7 @@
 directory (weights or adapter, tokenizer, chat template), and the champion/challenger decision.
 
 `mlflow.transformers.log_model` needs torchvision with transformers 5, which does not import beside
-the CPU torch, so models are logged as `mlflow.pyfunc` models from code (alignflow/registry_model.py,
+the CPU torch, so models are logged as `mlflow.pyfunc` models from code (alignflow/tracking/model_registry_code.py,
 no pickled objects): `mlflow.pyfunc.load_model("models:/<name>@champion").predict(["instruction"])`
 answers with greedy decoding, and the directory itself is the `model_dir` artifact.
 """
@@ -18,21 +18,21 @@ from mlflow.tracking import MlflowClient
 
 from alignflow.refs import ModelRef
 
-MODEL_CODE = Path(__file__).with_name("registry_model.py")
+MODEL_CODE = Path(__file__).with_name("model_registry_code.py")
 
 
 class SavedModel(mlflow.pyfunc.PythonModel):
     """Instructions in (a list of strings or a DataFrame with an `instruction` column), answers out."""
 
     def load_context(self, context):
-        from alignflow.modeling import load_causal_lm, load_tokenizer, pick_device
+        from alignflow.models.loading import load_causal_lm, load_tokenizer, pick_device
 
         self.device = pick_device("auto")
         path = context.artifacts["model_dir"]
         self.model, self.tokenizer = load_causal_lm(path, self.device), load_tokenizer(path)
 
     def predict(self, context, model_input, params=None):
-        from alignflow.modeling import generate
+        from alignflow.models.generate import generate
 
         instructions = list(model_input["instruction"]) if hasattr(model_input, "columns") else list(model_input)
         prompts = [[{"role": "user", "content": text}] for text in instructions]

@@ -1,0 +1,1 @@
+"""Models by job: loading (device, safetensors, adapters), chat templates, generation, GGUF files."""
