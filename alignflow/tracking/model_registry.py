@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -31,7 +32,8 @@ class SavedModel(mlflow.pyfunc.PythonModel):
         path = context.artifacts["model_dir"]
         self.model, self.tokenizer = load_causal_lm(path, self.device), load_tokenizer(path)
 
-    def predict(self, context, model_input, params=None):
+    # a DataFrame hint: MLflow infers no schema from it, so inputs pass as they come (a list too), unvalidated
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from alignflow.models.generate import generate
 
         instructions = list(model_input["instruction"]) if hasattr(model_input, "columns") else list(model_input)
