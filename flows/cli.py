@@ -65,11 +65,11 @@ def _examples(examples: list[dict]) -> str:
 
 
 def _summary(results: dict) -> str:
-    from alignflow.tracking import tracking_uri
+    from alignflow.tracking import tracking_uri, ui_page
 
     uri = tracking_uri()
     answers = _examples(results.get("examples") or [])
-    page = f"/#/experiments/{results['experiment_id']}/runs/{results['parent_run_id']}"
+    page = ui_page(results["experiment_id"], results["parent_run_id"])
     ui = f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000{page}" if uri.startswith("sqlite:") \
         else f"{uri.rstrip('/')}{page}"
     return (f"\n{_table(results)}\n{answers}\n\nreport: {results.get('report')}\n"

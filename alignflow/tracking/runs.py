@@ -23,9 +23,16 @@ from pydantic import BaseModel
 
 from alignflow.tracking.log import SECRET_MARKERS, log_params
 
-# MLflow 3's UI opens an experiment in the view its kind names; untagged, one whose runs log inputs and tables is
-# taken for a GenAI app ("Evaluation runs"). alignflow's experiments train models: the fine-tuning kind.
+# MLflow's experiment kind: alignflow's experiments train models. MLflow 3.17's UI still opens every experiment
+# in its GenAI view (a flow run is listed as an "Evaluation"); the view is the page's `workflowType`, so the
+# links alignflow prints name it (ui_page). Checked in headless Chromium: docs/records.md.
 EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def ui_page(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment or a run, in its model-training view (runs, not evaluations)."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"/#/experiments/{experiment_id}{run}?workflowType=machine_learning"
 
 
 class RunContext(BaseModel):
