@@ -60,6 +60,65 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("alignflow")
 
 
+def trainer_arguments(section, trainer: str, device: str, seed: int, out_dir) -> dict:
+    """A training stage's TRL config kwargs: alignflow's per-device defaults for the trainer's TRL config (its row
+    in alignflow.training.trainers.TRAINERS), then the section's `trainer:` keys."""
+    from alignflow.models.loading import attn_implementation
+    from alignflow.training.args import trainer_args
+
+    attn = attn_implementation(section.attn_implementation, device)
+    return trainer_args(section.trainer, device, seed, out_dir, section.checkpoint_steps, TRAINERS[trainer].config,
+                        attn, section.launch.mixed_precision)
+
+
+def check_training(stage: str, trainer: str, args: dict, section_name: str, launch, device: str) -> None:
+    """A training stage's own check, run by `validate` and `run` before any model loads: its TRL config builds
+    from `args`, and its launch settings can run on this device."""
+    from alignflow.training.args import build_trl_config
+    from alignflow.training.run import check_launch
+
+    build_trl_config(stage, TRAINERS[trainer].config, args)
+    check_launch(section_name, launch, device)
+
+
+def train_stage(ctx, name: str, section_name: str, cfg, trainer: str, args: dict, model: ModelRef, out_dir: Path,
+                cache_key: str | None, inputs, params: dict, **job) -> ModelRef:
+    """What a training stage (sft, dpo, rft, ...) does around its trainer: a child run whose params are the
+    resolved trainer arguments, LoRA and launch settings and `params` (under `section_name`); `inputs()` reads
+    and logs the data, loads the tokenizer and checks chat templates before any weights load, returning
+    (rows path, model path, tokenizer); then the TrainJob (`job`: its other fields) and train_and_save."""
+    from alignflow.models.loading import attn_implementation
+    from alignflow.tracking import flatten, stage_run
+    from alignflow.training.run import TrainJob
+
+    attn = attn_implementation(cfg.attn_implementation, ctx.device)
+    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "launch": cfg.launch.model_dump(), **params,
+                      "attn_implementation": attn}, section_name)
+    with stage_run(ctx, name, params, cache_key) as run_id:
+        rows_path, model_path, tokenizer = inputs()
+        train_job = TrainJob(stage=name, trainer=trainer, rows=rows_path, model=model_path, device=ctx.device,
+                             args=args, run_id=run_id, model_dir=str(out_dir / "model"), attn=attn,
+                             trust_remote_code=model.trust_remote_code,
+                             lora=cfg.lora.model_dump() if cfg.lora.enabled else None, **job)
+        return train_and_save(train_job, cfg, tokenizer, model)
+
+
+def instruction_inputs(base: ModelRef, data: DatasetRef, name: str) -> tuple[str, str, object]:
+    """What SFT does before its model loads: read and log the rows, load the base model's tokenizer and check
+    that it has the chat template the base was selected with. Returns (rows path, base path, tokenizer)."""
+    from alignflow.data.records import read_jsonl
+    from alignflow.models.loading import load_tokenizer
+    from alignflow.models.templates import check_template
+    from alignflow.tracking import log_dataset
+
+    rows_path = str(data.resolve())
+    log_dataset(read_jsonl(rows_path), source=data.uri, name=name, context="training")
+    base_path = base.resolve()
+    tokenizer = load_tokenizer(base_path, base.trust_remote_code)
+    check_template(tokenizer, base.chat_template, name, f"base model {base.uri}")
+    return rows_path, base_path, tokenizer
+
+
 def preference_inputs(policy: ModelRef, pairs: DatasetRef, name: str) -> tuple[str, str, object]:
     """What every preference stage does before its model loads (dpo, dpo_no_sft, rft): read and log the
     pairs, load the policy's tokenizer and check that policy and pairs share its chat template.

@@ -1,5 +1,5 @@
 """Stage 5: preference tuning with TRL's DPOTrainer; the reference model is the policy it starts from
-(alignflow.training.dpo_trainer says how, with and without LoRA).
+(alignflow.training.trainers.dpo_trainer says how, with and without LoRA).
 
 The output always reloads as the policy it started from plus what this stage learned: a LoRA
 adapter is merged into that policy and saved as full weights, since the policy may itself be a LoRA
@@ -15,13 +15,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import DPOSection
-from alignflow.models.loading import attn_implementation
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.tracking import RunContext, flatten, stage_run
-from alignflow.training.args import build_trl_config, needs_ref_copy, trainer_args
-from alignflow.training.run import TrainJob, check_launch
-from alignflow.training.trainers import TRAINERS
-from tasks import preference_inputs, train_and_save
+from alignflow.tracking import RunContext
+from alignflow.training.args import needs_ref_copy
+from tasks import check_training, preference_inputs, train_stage, trainer_arguments
 from tasks.caching import stage_dir
 from tasks.stages import Stage, register
 
@@ -39,16 +36,14 @@ def without_sft_term(args: dict) -> dict:
 
 
 def dpo_args(cfg: DPOSection, device: str, seed: int, out_dir, variant: str = "dpo") -> dict:
-    attn = attn_implementation(cfg.attn_implementation, device)
-    args = trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, TRAINERS["dpo"].config, attn,
-                        cfg.launch.mixed_precision)
+    args = trainer_arguments(cfg, "dpo", device, seed, out_dir)
     return without_sft_term(args) if variant == "dpo_no_sft" else args
 
 
 def check(variant: str):
     def build(config, device: str, out_dir) -> None:
-        build_trl_config(variant, TRAINERS["dpo"].config, dpo_args(config.dpo, device, config.seed, out_dir, variant))
-        check_launch("dpo", config.dpo.launch, device)
+        args = dpo_args(config.dpo, device, config.seed, out_dir, variant)
+        check_training(variant, "dpo", args, "dpo", config.dpo.launch, device)
     return build
 
 
@@ -56,18 +51,11 @@ def check(variant: str):
 def dpo(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, name: str = "dpo",
         variant: str = "dpo", cache_key: str | None = None) -> ModelRef:
     out_dir = stage_dir(ctx, name, cache_key)
-    attn = attn_implementation(cfg.attn_implementation, ctx.device)
     args = dpo_args(cfg, ctx.device, ctx.seed, out_dir / "trainer", variant)
-    params = flatten({"trainer": args, "lora": cfg.lora.model_dump(), "launch": cfg.launch.model_dump(),
-                      "policy": policy.uri, "variant": variant, "attn_implementation": attn}, "dpo")
-    with stage_run(ctx, name, params, cache_key) as run_id:
-        rows_path, policy_path, tokenizer = preference_inputs(policy, pairs, name)
-        job = TrainJob(stage=name, trainer="dpo", rows=rows_path, model=policy_path, device=ctx.device, args=args,
-                       run_id=run_id, model_dir=str(out_dir / "model"), attn=attn,
-                       trust_remote_code=policy.trust_remote_code,
-                       lora=cfg.lora.model_dump() if cfg.lora.enabled else None,
+    return train_stage(ctx, name, "dpo", cfg, "dpo", args, policy, out_dir, cache_key,
+                       inputs=lambda: preference_inputs(policy, pairs, name),
+                       params={"policy": policy.uri, "variant": variant},
                        ref_copy=needs_ref_copy(args, cfg.lora.enabled), merge_adapter=True)
-        return train_and_save(job, cfg, tokenizer, policy)
 
 
 # the pairs: ranked from the SFT model's samples, or else (dpo.data alone) the user's own preference data

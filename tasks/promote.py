@@ -27,11 +27,11 @@ from alignflow.health import promotion_refusals
 from alignflow.refs import DatasetRef, ModelRef
 from alignflow.stats import bootstrap_ci, correctness
 from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, stage_run
-from alignflow.tracking.model_registry import alias_version, register, version_model_dir
+from alignflow.tracking.model_registry import alias_version, register_model, version_model_dir
 from tasks import stage_logger
 from tasks.answers import answer
 from tasks.stages import Stage
-from tasks.stages import register as register_stage
+from tasks.stages import register
 
 
 def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:
@@ -53,8 +53,8 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
     with stage_run(ctx, "promote", flatten(cfg, "registry")) as run_id:
         rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="promotion")
-        sft_version = register(sft_model, sft_name, ctx.parent_run_id)
-        challenger = register(dpo_model, dpo_name, ctx.parent_run_id)
+        sft_version = register_model(sft_model, sft_name, ctx.parent_run_id)
+        challenger = register_model(dpo_model, dpo_name, ctx.parent_run_id)
         champion = alias_version(dpo_name, "champion")
         client.set_registered_model_alias(dpo_name, "challenger", challenger.version)
         decision = {"model": dpo_name, "challenger_version": int(challenger.version),
@@ -112,7 +112,7 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
         return decision
 
 
-register_stage(Stage(name="promote", task=promote,
+register(Stage(name="promote", task=promote,
                      config={"cfg": "registry", "experiment": "experiment", "eval_cfg": "eval"},
                      inputs={"sft_model": "sft", "dpo_model": "dpo", "data": "load_data.eval",
                              "evaluation": "evaluate"},

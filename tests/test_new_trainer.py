@@ -1,6 +1,7 @@
 """A new TRL trainer as a contributor adds it: one row in the trainers table and its stage module, both in
 this test module (no edit anywhere else). The row is TRL's KTOTrainer (unpaired preferences: each pair's
-chosen answer is desirable, its rejected one undesirable); the stage function is written as tasks/rft.py is.
+chosen answer is desirable, its rejected one undesirable); the stage function is written as tasks/rft.py is, with the
+training-stage helpers of tasks/__init__.py.
 
     .venv/bin/python -m pytest -q tests/test_new_trainer.py
 """
@@ -12,13 +13,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import DPOSection
-from alignflow.models.loading import attn_implementation, load_causal_lm
+from alignflow.models.loading import load_causal_lm
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.tracking import RunContext, flatten, stage_run
-from alignflow.training.args import build_trl_config, trainer_args
-from alignflow.training.run import TrainJob
+from alignflow.tracking import RunContext
 from alignflow.training.trainers import TRAINERS, Trainer
-from tasks import preference_inputs, train_and_save
+from tasks import check_training, preference_inputs, train_stage, trainer_arguments
 from tasks.caching import stage_dir
 from tests.test_stages import base_ref, dataset_ref
 
@@ -36,21 +35,14 @@ def kto_trainer(model, tokenizer, pairs, args, peft_config=None, ref_model=None,
 TRAINERS["kto"] = Trainer(config="KTOConfig", build=kto_trainer, answers=("chosen", "rejected"), preference=True)
 
 
-def kto_args(cfg: DPOSection, device: str, seed: int, out_dir) -> dict:
-    attn = attn_implementation(cfg.attn_implementation, device)
-    return trainer_args(cfg.trainer, device, seed, out_dir, cfg.checkpoint_steps, TRAINERS["kto"].config, attn)
-
-
 @task(name="kto", cache_policy=NONE)
 def kto(cfg: DPOSection, policy: ModelRef, pairs: DatasetRef, ctx: RunContext, cache_key: str | None = None
         ) -> ModelRef:
     out_dir = stage_dir(ctx, "kto", cache_key)
-    args = kto_args(cfg, ctx.device, ctx.seed, out_dir / "trainer")
-    with stage_run(ctx, "kto", flatten({"trainer": args}, "kto"), cache_key) as run_id:
-        rows_path, policy_path, tokenizer = preference_inputs(policy, pairs, "kto")
-        job = TrainJob(stage="kto", trainer="kto", rows=rows_path, model=policy_path, device=ctx.device, args=args,
-                       run_id=run_id, model_dir=str(out_dir / "model"), merge_adapter=True)
-        return train_and_save(job, cfg, tokenizer, policy)
+    args = trainer_arguments(cfg, "kto", ctx.device, ctx.seed, out_dir / "trainer")
+    return train_stage(ctx, "kto", "kto", cfg, "kto", args, policy, out_dir, cache_key,
+                       inputs=lambda: preference_inputs(policy, pairs, "kto"), params={"policy": policy.uri},
+                       merge_adapter=True)
 
 
 @pytest.fixture
@@ -80,6 +72,9 @@ def test_a_trainer_row_and_its_stage_train_a_model_on_the_table_alone(kto_sectio
 
 
 def test_the_row_names_the_config_its_keys_are_checked_against(kto_section, tmp_path):
-    args = kto_args(kto_section.model_copy(update={"trainer": {"desirable_weigth": 2.0}}), "cpu", 0, tmp_path)
+    """The stage's own check (what `alignflow validate` runs) builds the row's TRL config: a misspelt KTO key is
+    named before any model loads."""
+    bad = kto_section.model_copy(update={"trainer": {"desirable_weigth": 2.0}})
     with pytest.raises(ValueError, match="desirable_weigth"):
-        build_trl_config("kto", TRAINERS["kto"].config, args)
+        check_training("kto", "kto", trainer_arguments(bad, "kto", "cpu", 0, tmp_path), "dpo", bad.launch, "cpu")
+    check_training("kto", "kto", trainer_arguments(kto_section, "kto", "cpu", 0, tmp_path), "dpo", bad.launch, "cpu")

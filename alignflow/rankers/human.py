@@ -212,11 +212,10 @@ class HumanLabels(Scorer):
             for exported in (jsonl, table):
                 mlflow.log_artifact(str(exported), "to_label")
         expected = expected_ids(rows)
-        logger = log
         if self.cfg.label_studio is not None:
             title = f"alignflow {folder.name} {mlflow.active_run().info.run_id[:8] if mlflow.active_run() else ''}"
             scores, stored, project = wait_for_pairs(self.cfg.label_studio, rows, title.strip(),
-                                                     self.cfg.timeout_hours, self.cfg.poll_seconds, 0, logger)
+                                                     self.cfg.timeout_hours, self.cfg.poll_seconds, 0, log)
             self.counts = {"human.labelled_pairs": len(stored), "human.label_studio_project": project}
         else:
             if self.cfg.labels is not None:
@@ -238,7 +237,7 @@ class HumanLabels(Scorer):
             mlflow.log_artifact(str(path), "labels")
             log_dataset(stored, source=str(path), name="human_labels", context="ranking")
             mlflow.set_tag("alignflow.human_labels_sha256", digest)
-        logger.info("%d human labels stored as %s", len(stored), path.name)
+        log.info("%d human labels stored as %s", len(stored), path.name)
         return scores
 
     def compare(self, prompts, first, second, references):
@@ -260,15 +259,14 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
     if flow_run_id is None:
         raise RuntimeError("rank.ranker: human pauses a Prefect flow run for labels: run it in `alignflow run`, "
                           "or give a labels file (rank.ranker.labels)")
-    logger = log
     partial = folder / "labels.partial.jsonl"
     labelled: dict[str, dict[str, int]] = {}
     if partial.is_file():  # an earlier attempt of this stage: keep what was labelled then
         labelled = {r["prompt_id"]: r["ranks"] for r in map(json.loads, partial.read_text().splitlines())
                     if r["prompt_id"] in expected}
-        logger.info("%d prompts already labelled in %s", len(labelled), partial)
+        log.info("%d prompts already labelled in %s", len(labelled), partial)
     publish_instructions(orchestrator, flow_run_id, jsonl, table, len(expected))
-    logger.info("waiting for labels of %d prompts: candidates in %s; send them with `alignflow label import %s "
+    log.info("waiting for labels of %d prompts: candidates in %s; send them with `alignflow label import %s "
                 "FILE` or the Resume form of this flow run in the Prefect UI", len(expected), table, flow_run_id)
     deadline = time.monotonic() + cfg.timeout_hours * 3600
     rejected, done = None, False
@@ -290,13 +288,13 @@ def wait_for_labels(cfg: Human, expected: dict[str, list[str]], folder: Path, js
             new = check_labels([label.model_dump() for label in batch.labels], expected, "labels sent to the flow")
         except LabelError as err:
             rejected = str(err)
-            logger.warning("labels rejected, still waiting: %s", err)
+            log.warning("labels rejected, still waiting: %s", err)
             continue
         rejected, done = None, batch.done
         labelled |= new
         write_text_atomically("".join(json.dumps({"prompt_id": p, "ranks": r}) + "\n"
                                       for p, r in labelled.items()), partial)
-        logger.info("%d labels received (%d of %d prompts labelled)%s", len(new), len(labelled), len(expected),
+        log.info("%d labels received (%d of %d prompts labelled)%s", len(new), len(labelled), len(expected),
                     "; done" if done else "")
     orchestrator.set_status({"candidates_jsonl": str(jsonl), "partial_labels": str(partial), "expected": expected,
                              "labelled": sorted(labelled), "rejected": None, "finished": True})

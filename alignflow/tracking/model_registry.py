@@ -42,7 +42,7 @@ class SavedModel(mlflow.pyfunc.PythonModel):
         return [o[0]["text"] for o in outputs]
 
 
-def register(ref: ModelRef, name: str, flow_run_id: str) -> ModelVersion:
+def register_model(ref: ModelRef, name: str, flow_run_id: str) -> ModelVersion:
     """The registry version holding this content: an existing one with the same digest (a cached stage
     registers nothing new), else a new version logged into the active (promote) run."""
     client = MlflowClient()
