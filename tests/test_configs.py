@@ -73,7 +73,7 @@ ACCELERATE = sorted((Path(__file__).resolve().parents[1] / "infra" / "accelerate
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
 def test_every_accelerate_config_loads_and_launches_what_it_says(path):
     """infra/accelerate/: accelerate itself reads each file (unknown keys are its error), and a stage's
-    launch section takes it; the set covers what the README promises."""
+    launch section takes it; the set covers what docs/scale.md ("Running on several GPUs") promises."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     from alignflow.config import LaunchSection

@@ -1,8 +1,11 @@
-"""The rankers that ship with alignflow (registered components, alignflow.components.RANKERS).
+"""The verifier and the checker: rankers that score an answer against the expected one (1.0 when right,
+partial credit by overlap otherwise): the reference answer (`rank.ranker: verifier`), or the answer the
+checker works out from the prompt alone (`rank.ranker: checker`).
 
 A ranker's config names it (`rank.ranker: verifier`, or `{type: reward_model, model: ...}`); its
 `open(device)` gives a scorer with `score(prompts, responses, references) -> list[float]`. A new
-ranker (an LLM judge, human labels) is a module like this one; see README "Adding a ranker".
+ranker is one module like this one in alignflow/rankers/ (docs/extending.md, "Adding a ranker, a stage
+or an engine").
 """
 
 from __future__ import annotations
