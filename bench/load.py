@@ -1,5 +1,5 @@
-"""Reading and converting a large SFT file: the streaming converter (alignflow.data.write_converted, what
-load_data runs) against reading the whole file into Python lists first (alignflow.data.load_rows, then
+"""Reading and converting a large SFT file: the streaming converter (alignflow.data.instructions.write_converted, what
+load_data runs) against reading the whole file into Python lists first (alignflow.data.instructions.load_rows, then
 write_jsonl: the reader before issue 15), side by side on the same synthetic file.
 
     python bench/load.py [--rows 1000000] [--repeats 1] [--out docs/load.md]

@@ -45,7 +45,7 @@ def preflight(config: PipelineConfig, device: str, into: Path | None = None) -> 
     """Every check that needs no model: the stages' own (TRL configs), then every dataset read, validated
     and converted, streaming, into `into/<name>.jsonl` (a temporary directory, removed, when None): all are
     converted before load_data moves any into place. Returns name -> (source path, stats): rows, ties
-    dropped, flaw counts and the first rows (alignflow.data.write_converted)."""
+    dropped, flaw counts and the first rows (alignflow.data.instructions.write_converted)."""
     stages.check_config(config, device)
     if into is None:
         with tempfile.TemporaryDirectory(prefix="alignflow-validate-") as tmp:

@@ -5,7 +5,7 @@
     alignflow run configs/default.yaml sft.launch.config_file=infra/accelerate/fsdp2.yaml
 
 Both ways run the same `train(job)`: load the tokenizer and model, build the TRL trainer
-(alignflow.training), train (resumed from the last complete checkpoint of an earlier attempt), save the
+(alignflow.training.trainers), train (resumed from the last complete checkpoint of an earlier attempt), save the
 model. A launched stage writes its `TrainJob` to `<stage dir>/launch/job.json` and runs
 
     python -m accelerate.commands.launch [--config_file F] [--num_processes N] ... -m alignflow.training.run job.json
@@ -288,12 +288,12 @@ def launch_env(launch, device: str) -> dict[str, str]:
 def launched(job: TrainJob, launch, log: logging.Logger | logging.LoggerAdapter = _log,
              stop_grace: float = 30) -> dict[str, Any]:
     """Run `train(job)` on every rank of an accelerate launch; stream its output into `log`."""
+    from alignflow.training.trainers import TRAINERS
+
     workdir = Path(job.args["output_dir"]).parent / "launch"
     shutil.rmtree(workdir / "errors", ignore_errors=True)
     (workdir / "errors").mkdir(parents=True, exist_ok=True)
     (workdir / "result.json").unlink(missing_ok=True)
-    from alignflow.training.trainers import TRAINERS
-
     # a row added outside alignflow: the rank (a fresh interpreter) imports the module that defines its builder
     builder = TRAINERS[job.trainer].build.__module__
     (workdir / "job.json").write_text(json.dumps(asdict(job) | {"trainer_module": builder}, indent=1))
@@ -338,10 +338,11 @@ def _rank_main(job_file: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', 0)}] %(message)s")
     workdir = Path(job_file).parent
     payload = json.loads(Path(job_file).read_text())
-    importlib.import_module(payload.pop("trainer_module", "alignflow.training.trainers"))
+    builder = payload.pop("trainer_module", "alignflow.training.trainers")
     job = TrainJob(**payload)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
+        importlib.import_module(builder)  # the trainers table's row for job.trainer (a failure is this rank's error)
         result = train(job)
     except BaseException as err:
         (workdir / "errors" / f"rank-{rank}.json").write_text(json.dumps({
