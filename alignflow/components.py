@@ -49,6 +49,7 @@ class Catalog:
     def __init__(self, kind: str, package: str):
         self.kind = kind
         self.package = package
+        self._loaded = False
         self.entries: dict[str, type[Component]] = {}
 
     def register(self, name: str):
@@ -64,9 +65,12 @@ class Catalog:
         return sorted(self.entries)
 
     def _load_builtins(self) -> None:
+        if self._loaded:  # every module of the package was imported (and registered its components) once
+            return
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
+        self._loaded = True
 
     def lookup(self, name: str) -> type[Component]:
         self._load_builtins()

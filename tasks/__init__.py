@@ -177,8 +177,9 @@ def fit_rows(job, overlength: str, tokenizer):
 def watch_preference(job, limits, tokenizer) -> list[str]:
     """After a preference stage trained: how far the chosen and rejected answers' log-probs moved from the
     reference model's (TRL's logged `rewards/*` and `logps/*`, read back from the stage's run: the same whether
-    it trained here or launched) and the length gap of its pairs (alignflow.health.preference_watch). Metrics `watch.*` on the stage's run; each warning in the
-    log (Prefect's) and the run's `alignflow.warnings` tag, which the report shows. Returns the warnings."""
+    it trained here or launched) and the length gap of its pairs (alignflow.health.preference_watch). Metrics
+    `watch.*` on the stage's run; each warning in the log (Prefect's) and the run's `alignflow.warnings` tag,
+    which the report shows. Returns the warnings."""
     import numpy as np
     import trl
     from mlflow.tracking import MlflowClient

@@ -32,22 +32,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
 from alignflow.pins import Uncacheable, code_version, fingerprint
-
-if TYPE_CHECKING:
-    from tasks.stages import Stage
+from tasks import stages
+from tasks.stages import Stage
 
 
 def stage_key(stage: Stage | str, inputs: dict[str, Any]) -> str:
     """The cache key of one stage call: its name, the code, its arguments' fingerprints (components
     with their cache pins) and the stage's own pins. Raises Uncacheable when its content cannot be
     pinned or the stage is never cached."""
-    from tasks import stages
-
     stage = stages.get(stage) if isinstance(stage, str) else stage
     if not stage.cache:
         raise Uncacheable(f"stage {stage.name} is never cached")

@@ -28,9 +28,13 @@ import functools
 import importlib
 import pkgutil
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from alignflow.config import ConfigError
 
 STAGE_PACKAGES = ("tasks",)
 MODELS = "models"  # the input that collects every evaluated model
@@ -209,11 +213,6 @@ def stage_name(stage: str, variant: str, round_: int, rounds: int) -> str:
 def check_config(config, device: str) -> None:
     """The baselines `dpo.baselines` names, then every active stage's own check (TRL configs built as `run`
     builds them); raises ConfigError naming the key or the stage. Loads no model."""
-    import tempfile
-    from pathlib import Path
-
-    from alignflow.config import ConfigError
-
     known = baselines("dpo")
     unknown = [name for name in config.dpo.baselines if name not in known]
     if unknown:
