@@ -18,6 +18,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import RunInfo
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -109,7 +110,11 @@ def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[st
     mlflow.set_tracking_uri(tracking_uri())
     found = mlflow.set_experiment(experiment)
     if EXPERIMENT_KIND not in found.tags:  # a kind someone chose in the UI is kept
-        MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "finetuning")
+        try:
+            MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "finetuning")
+        except MlflowException as err:  # two runs starting at once: the other one tagged it first
+            if "UNIQUE" not in str(err) and "IntegrityError" not in str(err) and "duplicate" not in str(err):
+                raise
     close_dead_runs(found.experiment_id)
     tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **orchestrator_tags(),
             **process_tags(), **(tags or {})}
