@@ -108,6 +108,7 @@ class Ranker(Component):
     """Scores candidate responses: higher is better. `open` loads what scoring needs."""
 
     needs_reference: ClassVar[bool] = False  # the prompts must carry a reference answer
+    needs_constraints: ClassVar[bool] = False  # the prompts must carry verifiable constraints (IFEval's ids)
     pointwise: ClassVar[bool] = True  # its scorer scores one answer alone (False: only by comparing answers)
 
     def open(self, device: str, fetch=None) -> "Scorer":

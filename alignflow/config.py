@@ -21,6 +21,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       field_validator, model_validator)
 
 from alignflow.components import ENGINES, PAIRS, RANKERS, Engine, PairStrategy, Ranker
+from alignflow.constraints import HELD_OUT_TYPES, REGISTRY, rewritable
 from alignflow.training.trainers import TRAINERS
 
 
@@ -89,6 +90,37 @@ class FlawSpec(Section):
         return {kind: share for kind, share in self.model_dump().items() if share > 0}
 
 
+class ConstraintSuiteSpec(Section):
+    """The embedded constraint suite (`embedded:ifeval-sft`, `-prompts`, `-eval`; alignflow.embedded.constraints):
+    writing requests with 1..max_constraints verifiable constraints each. `held_out_types` never reach SFT or
+    sampling; the eval split has `eval_examples` rows of seen types (task `seen`) and `held_out_examples` of
+    one held-out type each (task `held_out`). `types`: the seen types (None: every type with a rewrite)."""
+
+    sft_examples: int = Field(default=200, gt=0)
+    prompt_examples: int = Field(default=120, gt=0)
+    eval_examples: int = Field(default=120, gt=0)
+    held_out_examples: int = Field(default=60, ge=0)
+    types: list[str] | None = None
+    held_out_types: list[str] = Field(default_factory=lambda: list(HELD_OUT_TYPES))
+    max_constraints: int = Field(default=3, ge=1, le=3)
+
+    @field_validator("types", "held_out_types")
+    @classmethod
+    def _known_types(cls, types: list[str] | None) -> list[str] | None:
+        unknown = [t for t in types or [] if t not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown constraint types {unknown}; choose from {sorted(REGISTRY)}")
+        return types
+
+    @model_validator(mode="after")
+    def _types_apart(self) -> ConstraintSuiteSpec:
+        if both := sorted(set(self.types or []) & set(self.held_out_types)):
+            raise ValueError(f"constraint types both seen and held out: {both}")
+        if cannot := [t for t in self.types or [] if t not in rewritable()]:
+            raise ValueError(f"types {cannot} have no rewrite, so no demonstration can be built: hold them out")
+        return self
+
+
 class EmbeddedSpec(Section):
     """The built-in default: a verifiable instruction suite and tiny base models trained here."""
 
@@ -100,6 +132,7 @@ class EmbeddedSpec(Section):
     pretrain_steps: int = Field(default=300, gt=0)
     vocab_size: int = Field(default=1024, ge=259)  # 259 = bytes + 3 special tokens: one token per character
     flaws: FlawSpec = FlawSpec()  # flawed demonstrations in the SFT split; none by default
+    constraints: ConstraintSuiteSpec = ConstraintSuiteSpec()  # the `embedded:ifeval-*` splits
     tasks: list[str] | None = None  # task types of the suite (alignflow.embedded.suite.TASKS); None = all
     # name -> (hidden_size, num_layers, num_heads)
     models: dict[str, tuple[int, int, int]] = {"tiny-s": (64, 2, 4), "tiny-m": (128, 4, 4)}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from alignflow.constraints import followed, parse
+
 
 def normalize(text: str) -> str:
     return " ".join(text.split())
@@ -39,8 +41,10 @@ def flaw_of(response: str, reference: str | None) -> str | None:
 
 
 def answer_flaws(rows: list[dict], answers: list[dict]) -> list[str | None]:
-    """flaw_of each answer against its row's reference answer."""
-    return [flaw_of(a["text"], r["completion"][0]["content"] if r.get("completion") else None)
+    """flaw_of each answer against its row's reference answer (None for a row checked by its constraints:
+    the flaws are a short answer's)."""
+    return [None if r.get("constraints") else flaw_of(a["text"], r["completion"][0]["content"] if r.get("completion")
+                                                       else None)
             for a, r in zip(answers, rows)]
 
 
@@ -53,10 +57,41 @@ def flaw_shares(rows: list[dict], kinds: list[str | None]) -> dict[str, float]:
     return shares
 
 
+def answered(row: dict, text: str, loose: bool = False) -> bool:
+    """Whether an answer is right: it meets every constraint of a row that carries them (IFEval's
+    prompt-level accuracy, strict or loose), else it matches the row's reference answer."""
+    if row.get("constraints"):
+        return all(followed(parse(row["constraints"]), text, row["prompt"][-1]["content"], loose))
+    return is_correct(text, row["completion"][0]["content"] if row.get("completion") else None)
+
+
 def correctness(rows: list[dict], answers: list[dict]) -> np.ndarray:
-    """1.0 where an answer matches its row's reference answer, per prompt."""
-    return np.array([is_correct(a["text"], r["completion"][0]["content"]) for a, r in zip(answers, rows)],
-                    dtype=float)
+    """1.0 where an answer is right (`answered`), per prompt."""
+    return np.array([answered(r, a["text"]) for a, r in zip(answers, rows)], dtype=float)
+
+
+def constraint_metrics(rows: list[dict], answers: list[dict]) -> dict[str, float]:
+    """IFEval's other accuracies over the rows that carry constraints: prompt-level loose (`accuracy_loose`,
+    overall and per task type), instruction-level strict and loose (`instruction_accuracy`,
+    `instruction_accuracy_loose`), and instruction-level strict per constraint type
+    (`instruction_accuracy.<instruction id>`, its `:` a `.`: MLflow's metric names have no colon)."""
+    checked = [(r, a) for r, a in zip(rows, answers) if r.get("constraints")]
+    if not checked:
+        return {}
+    metrics = by_task([r for r, _ in checked], np.array([answered(r, a["text"], loose=True) for r, a in checked],
+                                                         dtype=float), "accuracy_loose")
+    per_type: dict[str, list[bool]] = {}
+    strict_all, loose_all = [], []
+    for row, answer in checked:
+        constraints, prompt = parse(row["constraints"]), row["prompt"][-1]["content"]
+        strict = followed(constraints, answer["text"], prompt)
+        strict_all += strict
+        loose_all += followed(constraints, answer["text"], prompt, loose=True)
+        for c, ok in zip(constraints, strict):
+            per_type.setdefault(c.id.replace(":", "."), []).append(ok)
+    metrics["instruction_accuracy"] = float(np.mean(strict_all))
+    metrics["instruction_accuracy_loose"] = float(np.mean(loose_all))
+    return metrics | {f"instruction_accuracy.{t}": float(np.mean(v)) for t, v in sorted(per_type.items())}
 
 
 def by_task(rows: list[dict], values: np.ndarray, name: str) -> dict[str, float]:
@@ -78,8 +113,7 @@ def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, 
 
 def pass_at_k(rows: list[dict], samples: list[list[dict]], k: int) -> dict[str, float]:
     """Share of prompts where any of k sampled answers is correct, overall and per task type."""
-    hits = np.array([any(is_correct(s["text"], r["completion"][0]["content"]) for s in outs)
-                     for r, outs in zip(rows, samples)], dtype=float)
+    hits = np.array([any(answered(r, s["text"]) for s in outs) for r, outs in zip(rows, samples)], dtype=float)
     return by_task(rows, hits, f"pass_at_{k}")
 
 

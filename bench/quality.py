@@ -3,6 +3,7 @@ seeds, judged against issue #12's goal.
 
     python bench/quality.py                                  # both configs, seeds 0 1 2 -> docs/results.md
     python bench/quality.py --configs configs/default.yaml --seeds 0 --out /tmp/r.md dpo.trainer.beta=0.2
+    python bench/quality.py --ifeval                         # configs/smollm2-ifeval.yaml, seeds 0 1 2 (issue 25)
 
 Each (config, seed) is one full flow run (same embedded data and base models per config, different
 training and sampling seed) logged to MLflow (experiment `alignflow-quality` unless overridden); the
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
@@ -138,8 +140,9 @@ def watch_lines(name: str, rows: list[dict]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "default.yaml"),
-                                                         str(ROOT / "configs" / "clean.yaml")])
+    parser.add_argument("--configs", nargs="+", default=None)
+    parser.add_argument("--ifeval", action="store_true",
+                        help="the constraint recipe (default configs/smollm2-ifeval.yaml): its own section and goals")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--experiment", default="alignflow-quality")
@@ -147,6 +150,8 @@ def main() -> int:
                         help="write the results from finished parent runs instead of running the flow")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run (a lever to try)")
     args = parser.parse_args()
+    args.configs = args.configs or ([str(ROOT / "configs" / "smollm2-ifeval.yaml")] if args.ifeval else
+                                    [str(ROOT / "configs" / "default.yaml"), str(ROOT / "configs" / "clean.yaml")])
 
     from mlflow.tracking import MlflowClient
 
@@ -178,11 +183,20 @@ def main() -> int:
         wall = time.time() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    command = "python bench/quality.py " + " ".join(
+    command = "python bench/quality.py " + ("--ifeval " if args.ifeval else "") + " ".join(
         [f"--configs {' '.join(os.path.relpath(c, ROOT) for c in args.configs)}",
          f"--seeds {' '.join(map(str, args.seeds))}"] + [shlex.quote(o) for o in args.overrides])
     names = [Path(c).name for c in args.configs]
     groups = list(results.values())
+    if args.ifeval:
+        import quality_ifeval
+
+        client = MlflowClient()
+        for row in groups[0]:
+            run = client.get_run(row["run_id"])
+            row |= {"prompts": quality_ifeval.per_prompt(client, run), "promotion": quality_ifeval.promotion(run)}
+        out = quality_ifeval.section(groups[0], command + f" (git {commit})", machine(), wall)
+        return write_section(Path(args.out), out, quality_ifeval.BEGIN, quality_ifeval.END)
     out = [BEGIN, f"## Quality benchmark: {', '.join(names)}; seeds {args.seeds}", "",
            f"- command: `{command}` (git {commit}, tracking `{tracking_uri()}`, experiment `{args.experiment}`)",
            f"- machine: {machine()}",
@@ -196,12 +210,19 @@ def main() -> int:
     for name, rows in zip(names, groups):
         out += ["", *config_section(name, rows), *watch_lines(name, rows)]
     out.append(END)
-    path = Path(args.out)
+    return write_section(Path(args.out), out, BEGIN, END)
+
+
+def write_section(path: Path, out: list[str], begin: str, end: str) -> int:
+    """Replace the part between the markers (or append it, or write the file): the hand-written reading
+    around the generated part stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(out) + "\n"
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:  # keep the hand-written reading around the generated part
-        text = old[: old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
+    if begin in old and end in old:
+        text = old[: old.index(begin)] + text.rstrip("\n") + old[old.index(end) + len(end):]
+    elif old:
+        text = old.rstrip("\n") + "\n\n" + text
     path.write_text(text)
     print("\n".join(out))
     return 0

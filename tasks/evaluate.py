@@ -28,12 +28,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import EvalSection, RankSection
+from alignflow.data.instructions import reference_of
 from alignflow.data.records import read_jsonl
 from alignflow.health import answer_health, versus_sft
+from alignflow.rankers.constraints import Constraints
 from alignflow.rankers.verifier import Verifier
 from alignflow.refs import DatasetRef, ModelRef
-from alignflow.stats import (answer_flaws, bootstrap_ci, by_task, correctness, flaw_shares, outcomes_from_scores,
-                             pass_at_k, versus)
+from alignflow.stats import (answer_flaws, bootstrap_ci, by_task, constraint_metrics, correctness, flaw_shares,
+                             outcomes_from_scores, pass_at_k, versus)
 from alignflow.tracking import EvalResults, RunContext, eval_metrics, flatten, log_dataset, log_metrics, stage_run
 from tasks import stage_logger
 from tasks.answers import answer
@@ -58,8 +60,28 @@ def differing_prompt(answers: dict[str, list[dict]], shown: list[int], seed: int
     return random.Random(f"differ-{seed}").choice(differ) if differ else None
 
 
+def task_deltas(rows: list[dict], diff: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
+    """Per task type (more than one), the accuracy difference against SFT with its paired 95% bootstrap
+    interval: `delta_vs_sft.<task>`, `delta_vs_sft_ci95_low.<task>`, `delta_vs_sft_ci95_high.<task>`."""
+    names = sorted({r["task"] for r in rows})
+    metrics = {}
+    for t in names if len(names) > 1 else []:
+        part = diff[[r["task"] == t for r in rows]]
+        low, high = bootstrap_ci(part, resamples, seed)
+        metrics |= {f"delta_vs_sft.{t}": float(part.mean()), f"delta_vs_sft_ci95_low.{t}": low,
+                    f"delta_vs_sft_ci95_high.{t}": high}
+    return metrics
+
+
+def _shown(reference: str | list[dict] | None) -> str:
+    """A reference as the report and the samples table show it: the answer, or the constraints' ids."""
+    if isinstance(reference, list):
+        return "constraints: " + ", ".join(c["id"] for c in reference)
+    return reference or ""
+
+
 def _example(row: dict, answers: dict[str, list[dict]], i: int, label: str) -> dict:
-    reference = row["completion"][0]["content"] if row["completion"] else ""
+    reference = _shown(reference_of(row))
     return {"prompt": row["prompt"][-1]["content"], "task": row["task"], "reference": reference,
             "answers": {name: given[i]["text"] for name, given in answers.items()}, "label": label}
 
@@ -68,17 +90,22 @@ def _example(row: dict, answers: dict[str, list[dict]], i: int, label: str) -> d
 def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ctx: RunContext,
              rank_cfg: RankSection | None = None, cache_key: str | None = None) -> EvalResults:
     logger = stage_logger()
-    ranker = rank_cfg.ranker if rank_cfg else Verifier()
+    rows = read_jsonl(data.resolve())
+    checks = any(r.get("constraints") for r in rows)  # prompts with verifiable constraints (IFEval's ids)
+    default = Constraints() if checks else Verifier()
+    ranker = rank_cfg.ranker if rank_cfg else default
+    if checks and ranker.needs_reference:  # a reference-answer ranker cannot score constraint prompts
+        logger.info("the eval prompts carry constraints: rewards by the constraints ranker, not the %s", ranker.type)
+        ranker = default
     params = flatten({**cfg.model_dump(mode="json", exclude={"data"}), "reward_by": ranker.type,
                       **{f"model.{k}": m.uri for k, m in models.items()}}, "eval")
     with stage_run(ctx, "evaluate", params, cache_key) as run_id:
-        rows = read_jsonl(data.resolve())
         log_dataset(rows, source=data.uri, name="eval", context="evaluation")
         # the ranker gives each answer its mean reward (when it scores one answer alone) and, with
         # eval.win_rate_by: ranker, judges the head-to-head against SFT; else the verifier judges it
-        by_ranker = isinstance(ranker, Verifier) or cfg.win_rate_by == "ranker"
+        by_ranker = isinstance(ranker, type(default)) or cfg.win_rate_by == "ranker"
         scorer = ranker.open(ctx.device, fetch=local_model) if ranker.pointwise or by_ranker else None
-        judge = scorer if by_ranker else Verifier()
+        judge = scorer if by_ranker else default
         judged: dict[str, list[float]] = {}  # a pointwise judge's scores, per model
         results: EvalResults = {"eval_run_id": run_id, "metrics": {}, "examples": []}
         samples = {"model": [], "prompt": [], "reference": [], "answer": [], "correct": [], "flaw": []}
@@ -86,8 +113,8 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         given: dict[str, list[dict]] = {}
         prompts = [r["prompt"] for r in rows]
         # without reference answers (open-ended prompts) the ranker's head-to-head is the evaluation
-        refs = all(r["completion"] for r in rows)
-        references = [r["completion"][0]["content"] if r["completion"] else None for r in rows]
+        references = [reference_of(r) for r in rows]
+        refs = all(ref is not None for ref in references)
         if not refs:
             logger.info("the eval prompts have no reference answers: no accuracy, flaws or pass@k; the %s judges "
                         "each model against SFT", ranker.type)
@@ -108,8 +135,9 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             if refs:
                 correct[name], flaws = correctness(rows, answers), answer_flaws(rows, answers)
                 low, high = bootstrap_ci(correct[name], cfg.bootstrap, ctx.seed)
-                metrics |= by_task(rows, correct[name], "accuracy") | flaw_shares(rows, flaws) | {
+                metrics |= by_task(rows, correct[name], "accuracy") | {
                     "accuracy_ci95_low": low, "accuracy_ci95_high": high}
+                metrics |= constraint_metrics(rows, answers) if checks else flaw_shares(rows, flaws)
                 if sampled is not None:
                     metrics |= pass_at_k(rows, sampled, cfg.pass_k)
             results["metrics"][name] = metrics
@@ -121,7 +149,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
             for i, (row, a, flaw) in enumerate(list(zip(rows, answers, flaws))[: cfg.samples_logged]):
                 samples["model"].append(name)
                 samples["prompt"].append(row["prompt"][-1]["content"])
-                samples["reference"].append(references[i] or "")
+                samples["reference"].append(_shown(references[i]))
                 samples["answer"].append(a["text"])
                 samples["correct"].append(bool(correct[name][i]) if refs else None)
                 samples["flaw"].append(flaw or "")
@@ -135,6 +163,9 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
                         judge.compare(prompts, texts, sft_texts, references)
                     results["metrics"][name] |= versus(correct.get(name), correct.get("sft"), outcomes,
                                                        cfg.bootstrap, ctx.seed, length_diff=lengths)
+                    if refs:
+                        results["metrics"][name] |= task_deltas(rows, correct[name] - correct["sft"], cfg.bootstrap,
+                                                                ctx.seed)
                     results["metrics"][name] |= versus_sft(results["metrics"][name], results["metrics"]["sft"])
         if scorer is not None:
             log_metrics(run_id, scorer.stats())
@@ -145,6 +176,7 @@ def evaluate(cfg: EvalSection, models: dict[str, ModelRef], data: DatasetRef, ct
         if differ is not None:
             results["examples"].append(_example(rows[differ], given, differ, "SFT and DPO differ"))
         results["correct"] = {name: c.tolist() for name, c in correct.items()}  # per prompt, for promotion
+        results["tasks"] = [r["task"] for r in rows]  # per prompt, for pooling seeds (bench/quality.py)
         flat = eval_metrics(results)
         log_metrics(run_id, flat)
         log_metrics(ctx.parent_run_id, flat)  # the parent run carries the comparison columns

@@ -29,16 +29,20 @@ from tasks.stages import Stage, register
 
 
 def sources(config: PipelineConfig) -> dict:
-    """name -> (data source, whether each row needs a reference answer); `preference`: dpo.data's pairs
-    (the reference flag unused); sampling prompts only when the pairs are sampled."""
-    found = {"sft": (config.sft.data, True)}
-    if config.dpo.on_policy():
-        found["prompts"] = (config.sample.prompts, config.rank.ranker.needs_reference)  # e.g. the verifier
+    """name -> (data source, how its rows are checked: write_converted's require_reference,
+    constraints_suffice, require_constraints); `preference`: dpo.data's pairs (the checks unused); sampling
+    prompts only when the pairs are sampled."""
+    found = {"sft": (config.sft.data, {"require_reference": True})}
+    ranker = config.rank.ranker
+    if config.dpo.on_policy():  # e.g. the verifier needs reference answers, the constraints ranker constraints
+        found["prompts"] = (config.sample.prompts, {"require_reference": ranker.needs_reference,
+                                                    "require_constraints": ranker.needs_constraints})
     if config.dpo.data is not None:
-        found["preference"] = (config.dpo.data, False)
-    # held-out prompts may lack reference answers when a ranker that needs none judges the models
-    free = config.eval.win_rate_by == "ranker" and not config.rank.ranker.needs_reference
-    return found | {"eval": (config.eval.data, not free)}
+        found["preference"] = (config.dpo.data, {})
+    # held-out prompts may lack reference answers when a ranker that needs none judges the models; verifiable
+    # constraints stand in for a reference answer
+    free = config.eval.win_rate_by == "ranker" and not ranker.needs_reference
+    return found | {"eval": (config.eval.data, {"require_reference": not free, "constraints_suffice": True})}
 
 
 def preflight(config: PipelineConfig, device: str, into: Path | None = None) -> dict[str, tuple[str, dict]]:
@@ -51,7 +55,7 @@ def preflight(config: PipelineConfig, device: str, into: Path | None = None) -> 
         with tempfile.TemporaryDirectory(prefix="alignflow-validate-") as tmp:
             return preflight(config, device, Path(tmp))
     converted = {}
-    for name, (source, require_reference) in sources(config).items():
+    for name, (source, checks) in sources(config).items():
         path = embedded.resolve(config.embedded, source.path, "data")
         out = into / f"{name}.jsonl"
         if name == "preference":
@@ -59,8 +63,7 @@ def preflight(config: PipelineConfig, device: str, into: Path | None = None) -> 
             write_jsonl(pairs, out)
             stats = {"rows": len(pairs), "ties": ties, "flaws": {}, "sample": pairs[:SAMPLE_ROWS]}
         else:
-            stats = write_converted(path, out, split=source.split, limit=source.limit,
-                                    require_reference=require_reference) | {"ties": 0}
+            stats = write_converted(path, out, split=source.split, limit=source.limit, **checks) | {"ties": 0}
         converted[name] = (path, stats)
     return converted
 

@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from alignflow.config import SampleSection
+from alignflow.data.instructions import reference_of
 from alignflow.data.records import read_jsonl, write_jsonl
 from alignflow.engines.base import Sampling
 from alignflow.models.loading import load_tokenizer
@@ -27,7 +28,7 @@ def sample_candidates(cfg: SampleSection, policy_path: str, rows: list[dict], de
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed,
                                  progress="sample")
     generator.close()
-    return [{"prompt": r["prompt"], "reference": r["completion"][0]["content"] if r["completion"] else None,
+    return [{"prompt": r["prompt"], "reference": reference_of(r),
              "task": r["task"], "candidates": [o["text"] for o in outs], "ended": [o["ended"] for o in outs]}
             for r, outs in zip(rows, outputs)]
 

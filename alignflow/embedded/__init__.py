@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the builders import without pydantic (bench/device_check.py
 PREFIX = "embedded:"
 BUILD_VERSION = 5  # bump when the builders change what they make
 SPLITS = ("sft", "prompts", "eval")
+CONSTRAINT_SPLITS = tuple(f"ifeval-{s}" for s in SPLITS)  # the constraint suite (alignflow.embedded.constraints)
 
 
 def _key(*parts) -> str:
@@ -46,12 +47,33 @@ def data_dir(spec: EmbeddedSpec) -> Path:
     return build_atomically(home() / "data" / key, build)
 
 
+def constraints_dir(spec: EmbeddedSpec) -> Path:
+    from alignflow.data.records import write_jsonl
+    from alignflow.embedded import constraints
+
+    suite = spec.constraints
+    sizes = {"sft": suite.sft_examples, "prompts": suite.prompt_examples, "eval": suite.eval_examples,
+             "held_out": suite.held_out_examples}
+
+    def build(tmp: Path) -> None:
+        splits = constraints.make_splits(sizes, spec.seed, suite.types, suite.held_out_types, suite.max_constraints)
+        for split, rows in splits.items():
+            write_jsonl(rows, tmp / f"ifeval-{split}.jsonl")
+
+    plain = hashlib.sha256(constraints.PLAIN_ANSWERS.read_bytes()).hexdigest()[:12]
+    key = _key("constraints", constraints.SUITE_VERSION, plain, spec.seed, suite.model_dump(mode="json"))
+    return build_atomically(home() / "data" / key, build)
+
+
 def data_path(spec: EmbeddedSpec, name: str) -> str:
     split = name.removeprefix(PREFIX)
+    if split in CONSTRAINT_SPLITS:
+        return str(constraints_dir(spec) / f"{split}.jsonl")
     if split not in SPLITS:
         from alignflow.config import ConfigError
 
-        raise ConfigError(f"{name!r}: unknown embedded split; use one of {[PREFIX + s for s in SPLITS]}")
+        raise ConfigError(f"{name!r}: unknown embedded split; use one of "
+                          f"{[PREFIX + s for s in SPLITS + CONSTRAINT_SPLITS]}")
     return str(data_dir(spec) / f"{split}.jsonl")
 
 

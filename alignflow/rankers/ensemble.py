@@ -38,6 +38,10 @@ class Ensemble(Ranker):
     def needs_reference(self) -> bool:  # type: ignore[override]
         return any(r.needs_reference for r in self.rankers)
 
+    @property
+    def needs_constraints(self) -> bool:  # type: ignore[override]
+        return any(r.needs_constraints for r in self.rankers)
+
     def cache_pins(self) -> dict:
         return {"members": [r.cache_pins() for r in self.rankers]}
 

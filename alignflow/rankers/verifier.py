@@ -34,6 +34,9 @@ class Verifier(Ranker, Scorer):
     def score(self, prompts, responses, references):
         if any(ref is None for ref in references):
             raise ValueError("the verifier needs a reference answer for every prompt")
+        if any(isinstance(ref, list) for ref in references):
+            raise ValueError("the prompts carry verifiable constraints, not reference answers: rank them with the "
+                             "constraints ranker (rank.ranker: constraints)")
         return [1.0 if is_correct(resp, ref)
                 else 0.5 * difflib.SequenceMatcher(None, normalize(resp), normalize(ref)).ratio()
                 for resp, ref in zip(responses, references)]
