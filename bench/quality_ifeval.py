@@ -31,7 +31,8 @@ def per_prompt(client, run) -> dict:
     return {"correct": results["correct"], "tasks": results["tasks"]}
 
 
-def pooled_delta(rows: list[dict], task: str, first: str, second: str, resamples: int = 2000) -> tuple[float, float, float]:
+def pooled_delta(rows: list[dict], task: str, first: str, second: str,
+                 resamples: int = 2000) -> tuple[float, float, float]:
     """first − second on one task's prompts, all seeds pooled, with a paired 95% bootstrap interval."""
     from alignflow.stats import bootstrap_ci
 
@@ -75,24 +76,27 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 def section(rows: list[dict], command: str, machine: str, wall: float) -> list[str]:
     models = [m for m in MODELS if f"{m}.accuracy" in rows[0]]
+    walls = ", ".join(f"{r['wall_s'] / 60:.1f}" for r in rows)
     out = [BEGIN, f"## Verifiable instruction following: smollm2-ifeval.yaml; seeds {[r['seed'] for r in rows]}", "",
            f"- command: `{command}`", f"- machine: {machine}",
            f"- wall time: {wall / 60:.1f} min for {len(rows)} flow runs, one after another "
-           f"({', '.join(f'{r['wall_s'] / 60:.1f}' for r in rows)} min each)",
+           f"({walls} min each)",
            "- held-out eval: unseen topics; `seen` = constraint types trained on, `held_out` = types never in SFT or "
            "sampling; greedy; prompt-level strict accuracy (every constraint met) unless named; [a, b] = 95% "
            "bootstrap interval over prompts", "", "### Goal (issue 25)", "", *goal_lines(rows), "",
            "### Prompt-level strict accuracy per seed: seen types / held-out types", "",
-           "| seed | " + " | ".join(models) + " | DPO − SFT seen [95% CI] | MLflow run |", "|" + "---|" * (len(models) + 3)]
+           "| seed | " + " | ".join(models) + " | DPO − SFT seen [95% CI] | MLflow run |",
+           "|" + "---|" * (len(models) + 3)]
+    both = lambda get: " / ".join(f3(get(t)) for t in ("seen", "held_out"))  # noqa: E731
     for r in rows:
-        out.append(f"| {r['seed']} | " + " | ".join(f"{f3(r[f'{m}.accuracy.seen'])} / {f3(r[f'{m}.accuracy.held_out'])}"
-                                                     for m in models)
+        out.append(f"| {r['seed']} | " + " | ".join(both(lambda t: r[f"{m}.accuracy.{t}"]) for m in models)
                    + f" | {r['dpo.delta_vs_sft.seen']:+.3f} [{f3(r['dpo.delta_vs_sft_ci95_low.seen'])}, "
                    f"{f3(r['dpo.delta_vs_sft_ci95_high.seen'])}] | `{r['run_id'][:12]}` |")
-    out.append("| mean | " + " | ".join(f"{f3(mean(rows, f'{m}.accuracy.seen'))} / {f3(mean(rows, f'{m}.accuracy.held_out'))}"
-                                        for m in models) + f" | {np.mean([r['dpo.delta_vs_sft.seen'] for r in rows]):+.3f} | |")
+    out.append("| mean | " + " | ".join(both(lambda t: mean(rows, f"{m}.accuracy.{t}")) for m in models)
+               + f" | {np.mean([r['dpo.delta_vs_sft.seen'] for r in rows]):+.3f} | |")
     out += ["", "### IFEval's other accuracies (mean over seeds)", "",
-            "| model | prompt strict | prompt loose | instruction strict | instruction loose |", "|---|---|---|---|---|"]
+            "| model | prompt strict | prompt loose | instruction strict | instruction loose |",
+            "|---|---|---|---|---|"]
     out += [f"| {m} | {f3(mean(rows, f'{m}.accuracy'))} | {f3(mean(rows, f'{m}.accuracy_loose'))} | "
             f"{f3(mean(rows, f'{m}.instruction_accuracy'))} | {f3(mean(rows, f'{m}.instruction_accuracy_loose'))} |"
             for m in models]
@@ -100,8 +104,8 @@ def section(rows: list[dict], command: str, machine: str, wall: float) -> list[s
     held = {t.replace(":", ".") for t in held_out_types()}
     out += ["", "### Instruction-level strict accuracy per constraint type (mean over seeds; * held out)", "",
             "| type | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
-    out += [f"| {t}{' *' if t in held else ''} | " + " | ".join(f3(mean(rows, f"{m}.instruction_accuracy.{t}"))
-                                                               for m in models) + " |" for t in types]
+    out += [f"| {t}{' *' if t in held else ''} | "
+            + " | ".join(f3(mean(rows, f"{m}.instruction_accuracy.{t}")) for m in models) + " |" for t in types]
     out += ["", "### Length, repetition, EOS (mean over seeds)", "",
             "| model | mean words | mean tokens | repetition rate | EOS rate |", "|---|---|---|---|---|"]
     out += [f"| {m} | {mean(rows, f'{m}.mean_words'):.1f} | {mean(rows, f'{m}.mean_tokens'):.1f} | "

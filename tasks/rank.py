@@ -36,8 +36,11 @@ def agreements(cfg: RankSection, rows: list[dict], rewards: list[list[float]], d
     for other in cfg.agree_with:
         if other == cfg.ranker:
             continue
-        if other.needs_reference and any(r["reference"] is None for r in rows):
+        if other.needs_reference and any(not isinstance(r["reference"], str) for r in rows):
             stage_logger().info("agreement with %s skipped: not every prompt has a reference answer", other.type)
+            continue
+        if other.needs_constraints and any(not isinstance(r["reference"], list) for r in rows):
+            stage_logger().info("agreement with %s skipped: not every prompt has constraints", other.type)
             continue
         scorer = other.open(device, fetch=local_model)
         found = agreement(rewards, score_rows(scorer, rows))

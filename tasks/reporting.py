@@ -147,6 +147,7 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                      "![accuracy per task type](accuracy_by_task.png)"]
         _plot_tasks(rec, models, tasks, out / "accuracy_by_task.png")
         sections += flaw_section(rec, models, tasks, out / "flaws.png")
+        sections += constraint_section(rec, models, out / "constraints_by_type.png")
 
     if "select_base" in rec.stages:
         table = _load_table(rec.stages["select_base"].info.run_id, "candidates.json")
@@ -322,6 +323,37 @@ def stage_rows(rec: RunRecords) -> list[list]:
         rows.append([run.info.run_name, f"`{run.info.run_id[:12]}`", run.info.status, _fmt(seconds, 1),
                      "✔" if run.data.tags.get("alignflow.cache_hit") == "true" else ""])
     return rows
+
+
+def constraint_section(rec: RunRecords, models: list[str], plot: Path) -> list[str]:
+    """IFEval's accuracies (prompt and instruction level, strict and loose) and instruction-level strict
+    accuracy per constraint type, when the eval prompts carried constraints (alignflow.constraints)."""
+    m = rec.metrics
+    if "sft.instruction_accuracy" not in m:
+        return []
+    prefix = "sft.instruction_accuracy."
+    types = sorted(k[len(prefix):] for k in m if k.startswith(prefix))
+    levels = [("accuracy", "prompt strict"), ("accuracy_loose", "prompt loose"),
+              ("instruction_accuracy", "instruction strict"), ("instruction_accuracy_loose", "instruction loose")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(types) + 2), 3.8))
+    width = 0.8 / max(1, len(models))
+    for i, name in enumerate(models):
+        ax.bar([t + i * width for t in range(len(types))],
+               [m.get(f"{name}.instruction_accuracy.{t}", 0) for t in types], width, label=name)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(types))], [t.split(".", 1)[1] for t in types],
+                  rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("share met (strict)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=min(4, len(models)))
+    fig.tight_layout()
+    fig.savefig(plot, dpi=90)
+    plt.close(fig)
+    return ["## Verifiable constraints (IFEval's accuracies)",
+            _md_table(["model", *(label for _, label in levels)],
+                      [[f"**{n}**", *(_fmt(m.get(f"{n}.{key}")) for key, _ in levels)] for n in models]),
+            _md_table(["constraint type", *models],
+                      [[t, *(_fmt(m.get(f"{n}.instruction_accuracy.{t}")) for n in models)] for t in types]),
+            f"![constraints met per type]({plot.name})"]
 
 
 def _eval_results(rec: RunRecords) -> dict | None:

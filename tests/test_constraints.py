@@ -165,7 +165,8 @@ def test_the_constraints_ranker_gives_partial_credit():
 
 def test_prompt_and_instruction_level_accuracy():
     rows = [{"prompt": [{"role": "user", "content": "p"}], "completion": [], "task": "seen",
-             "constraints": [build("punctuation:no_comma", {}).spec(), build("change_case:english_lowercase", {}).spec()]},
+             "constraints": [build("punctuation:no_comma", {}).spec(),
+                             build("change_case:english_lowercase", {}).spec()]},
             {"prompt": [{"role": "user", "content": "p"}], "completion": [], "task": "held_out",
              "constraints": [build("startend:quotation", {}).spec()]}]
     answers = [{"text": "all fine, mostly"}, {"text": 'Note:\n"quoted"'}]
@@ -195,3 +196,41 @@ def test_embedded_suite_holds_types_and_topics_out():
         assert all(followed(parse([{"id": i, "kwargs": k} for i, k in zip(row["instruction_id_list"], row["kwargs"])]),
                             row["response"]))
     assert make_splits({"sft": 60, "prompts": 30, "eval": 30, "held_out": 20}, seed=3) == splits  # deterministic
+
+
+def test_preflight_checks_the_prompts_the_constraints_ranker_needs(tmp_path):
+    """Before any model loads: prompts without constraints are refused for the constraints ranker, naming the
+    row; IFEval-shaped eval rows need no reference answer; the embedded constraint splits convert."""
+    from alignflow.config import load_config
+    from tasks.load_data import preflight
+    from tests.conftest import SMOKE
+
+    common = [f"output_dir={tmp_path}", "rank.ranker=constraints"]
+    with pytest.raises(DataError, match="needed by the constraints ranker") as err:
+        preflight(load_config(SMOKE, common), "cpu")
+    assert (err.value.row, err.value.field) == (1, "instruction_id_list")
+    suite = ["sft.data.path=embedded:ifeval-sft", "sample.prompts.path=embedded:ifeval-prompts",
+             "eval.data.path=embedded:ifeval-eval", "embedded.constraints.sft_examples=20",
+             "embedded.constraints.prompt_examples=6", "embedded.constraints.eval_examples=6",
+             "embedded.constraints.held_out_examples=3"]
+    converted = preflight(load_config(SMOKE, common + suite), "cpu")
+    assert {name: stats["rows"] for name, (_, stats) in converted.items()} == {"sft": 20, "prompts": 6, "eval": 9}
+    evals = converted["eval"][1]["sample"]
+    assert all(r["constraints"] and r["completion"] == [] for r in evals)
+    assert {r["task"] for r in evals} == {"seen", "held_out"}
+    with pytest.raises(Exception, match="both seen and held out"):
+        load_config(SMOKE, common + ["embedded.constraints.types=[punctuation:no_comma]",
+                                     "embedded.constraints.held_out_types=[punctuation:no_comma]"])
+
+
+def test_rank_agreement_skips_a_reference_ranker_on_constraint_prompts():
+    """rank.agree_with defaults to the verifier: prompts with constraints have no reference answer for it."""
+    from alignflow.config import RankSection
+    from tasks.rank import agreements, score_rows
+
+    specs = [build("punctuation:no_comma", {}).spec()]
+    rows = [{"prompt": [{"role": "user", "content": "Write."}], "reference": specs, "candidates": ["a, b", "a b"]}]
+    cfg = RankSection(ranker="constraints")
+    rewards = score_rows(cfg.ranker.open("cpu"), rows)
+    assert rewards == [[0.0, 1.0]]
+    assert agreements(cfg, rows, rewards, "cpu") == {}  # the verifier skipped, not failed

@@ -187,3 +187,11 @@ def test_any_config_file_gives_a_config_or_one_config_error(body):
             load_config(path)
         except ConfigError as err:
             assert str(err).startswith(str(path))
+
+
+def test_empty_preference_sides_are_named(tmp_path):
+    """Found by the fuzzer: TRL's prompt extraction fails on empty lists with an UnboundLocalError."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"chosen": [], "rejected": []}\n')
+    with pytest.raises(DataError, match=r"row 1: field 'chosen': empty"):
+        load_preference_rows(str(path))

@@ -52,6 +52,13 @@ def test_the_ifeval_recipe_shrunk(prefect_server, smollm2_dir, tmp_path):
     asked = {k.split(".", 2)[2] for k in metrics if k.startswith("sft.instruction_accuracy.")}
     assert {t.replace(":", ".") for t in HELD_OUT_TYPES} & asked  # held-out types were asked and scored
     assert "dpo.delta_vs_sft.seen" in metrics and "dpo.delta_vs_sft_ci95_low.held_out" in metrics
+    # the report shows IFEval's accuracies and a plot per constraint type (parent run, report/)
+    report = {a.path for a in client.list_artifacts(trained["parent_run_id"], "report")}
+    assert "report/constraints_by_type.png" in report
+    import mlflow
+
+    text = mlflow.artifacts.load_text(f"runs:/{trained['parent_run_id']}/report/report.md")
+    assert "## Verifiable constraints" in text and "instruction strict" in text
 
     # the same run with DPO at learning rate 0: SFT, sampling and ranking come from the cache, DPO changes nothing
     frozen = align(load_config(CONFIG, [*base, "dpo.trainer.learning_rate=0.0"]))

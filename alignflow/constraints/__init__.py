@@ -49,7 +49,8 @@ def build(instruction_id: Any, kwargs: Any) -> Constraint:
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, dict):
-        raise ConstraintError("kwargs", f"{instruction_id}: expected an object of arguments, got {type(kwargs).__name__}")
+        raise ConstraintError("kwargs", f"{instruction_id}: expected an object of arguments, "
+                                        f"got {type(kwargs).__name__}")
     try:
         return REGISTRY[instruction_id](**{k: v for k, v in kwargs.items() if v is not None})
     except ValidationError as err:

@@ -29,7 +29,8 @@ def words(text: str) -> list[str]:
 # IFEval's split_into_sentences (instructions_util), used in place of NLTK's punkt (a run-time download)
 _ALPHA, _DIGITS = "([A-Za-z])", "([0-9])"
 _PREFIXES, _SUFFIXES = "(Mr|St|Mrs|Ms|Dr)[.]", "(Inc|Ltd|Jr|Sr|Co)"
-_STARTERS = r"(Mr|Mrs|Ms|Dr|Prof|Capt|Cpt|Lt|He\s|She\s|It\s|They\s|Their\s|Our\s|We\s|But\s|However\s|That\s|This\s|Wherever)"
+_STARTERS = (r"(Mr|Mrs|Ms|Dr|Prof|Capt|Cpt|Lt|He\s|She\s|It\s|They\s|Their\s|Our\s|We\s|But\s|However\s|That\s|"
+             r"This\s|Wherever)")
 _ACRONYMS, _WEBSITES = "([A-Z][.][A-Z][.](?:[A-Z][.])?)", "[.](com|net|org|io|gov|edu|me)"
 
 
@@ -540,7 +541,8 @@ class LetterFrequency(Constraint):
         return compare(response.lower().count(self.letter.lower()), self.let_relation, self.let_frequency)
 
     def describe(self, rng):
-        return f"In your response, the letter {self.letter} should appear {self.let_relation} {self.let_frequency} times."
+        return (f"In your response, the letter {self.letter} should appear {self.let_relation} {self.let_frequency} "
+                "times.")
 
     @classmethod
     def draw(cls, rng, text=None):

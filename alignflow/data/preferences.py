@@ -105,10 +105,13 @@ def load_preference_rows(path: str, *, split: str = "train", limit: int | None =
             scores = (best[1], worst[1])
         elif "chosen" in row and "rejected" in row:
             split_row = row  # an explicit prompt is taken as is; chosen/rejected give their last (assistant) message
+            for side in ("chosen", "rejected"):
+                if row[side] in ([], ""):
+                    raise DataError(path, "empty", row=i, field=side)
             if "prompt" not in row:
                 try:
                     split_row = maybe_extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
-                except (TypeError, IndexError, KeyError) as err:
+                except (TypeError, IndexError, KeyError, NameError) as err:  # TRL 1.16: UnboundLocalError too
                     raise DataError(path, f"cannot split off the shared prompt ({err})", row=i,
                                     field="chosen") from None
             if not split_row["prompt"]:

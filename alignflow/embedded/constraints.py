@@ -104,7 +104,8 @@ def ifeval_row(key: str, request: str, constraints: list[Constraint], rng: rando
     return row | ({"response": response} if response is not None else {})
 
 
-def demonstration(plain: str, request: str, types: list[str], rng: random.Random) -> tuple[list[Constraint], str] | None:
+def demonstration(plain: str, request: str, types: list[str],
+                  rng: random.Random) -> tuple[list[Constraint], str] | None:
     """The plain answer rewritten to meet constraints of `types`, checked; None when a rewrite fails."""
     constraints = [_constraint(t, rng, request, plain) for t in types]
     text = plain
@@ -154,7 +155,8 @@ def make_splits(sizes: dict[str, int], seed: int, types: list[str] | None = None
     while len(splits["sft"]) < sizes["sft"]:
         attempts += 1
         if attempts > 50 * sizes["sft"]:
-            raise ValueError(f"only {len(splits['sft'])} demonstrations of {sizes['sft']} could be built for types {seen}")
+            raise ValueError(f"only {len(splits['sft'])} demonstrations of {sizes['sft']} could be built for "
+                             f"types {seen}")
         answer = rng.choice(plain)
         request = KINDS[answer["kind"]].format(topic=answer["topic"])
         built = demonstration(answer["answer"], request, draw_types(rng, seen, max_constraints), rng)
