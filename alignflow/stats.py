@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignflow.constraints import followed, parse
-
 
 def normalize(text: str) -> str:
     return " ".join(text.split())
@@ -61,6 +59,9 @@ def answered(row: dict, text: str, loose: bool = False) -> bool:
     """Whether an answer is right: it meets every constraint of a row that carries them (IFEval's
     prompt-level accuracy, strict or loose), else it matches the row's reference answer."""
     if row.get("constraints"):
+        # imported here: this module is also read on a bare GPU image without pydantic (bench/device_check.py)
+        from alignflow.constraints import followed, parse
+
         return all(followed(parse(row["constraints"]), text, row["prompt"][-1]["content"], loose))
     return is_correct(text, row["completion"][0]["content"] if row.get("completion") else None)
 
@@ -75,6 +76,8 @@ def constraint_metrics(rows: list[dict], answers: list[dict]) -> dict[str, float
     overall and per task type), instruction-level strict and loose (`instruction_accuracy`,
     `instruction_accuracy_loose`), and instruction-level strict per constraint type
     (`instruction_accuracy.<instruction id>`, its `:` a `.`: MLflow's metric names have no colon)."""
+    from alignflow.constraints import followed, parse
+
     checked = [(r, a) for r, a in zip(rows, answers) if r.get("constraints")]
     if not checked:
         return {}
