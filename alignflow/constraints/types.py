@@ -198,6 +198,15 @@ class NumberSentences(Constraint):
         return _join(found[: self.num_sentences - 1]) or None
 
 
+def _paragraphs(response: str, separator: str) -> list[str] | None:
+    """IFEval's paragraph count: split on `separator`; an empty first or last part is dropped, an empty
+    one in between fails the check (None)."""
+    parts = re.split(separator, response)
+    if any(not part.strip() for part in parts[1:-1]):
+        return None
+    return [part for i, part in enumerate(parts) if part.strip() or i not in (0, len(parts) - 1)]
+
+
 def _paragraph_groups(text: str, n: int) -> list[str] | None:
     found = sentences(text)
     if len(found) < n:
@@ -212,15 +221,8 @@ class NumberParagraphs(Constraint):
     num_paragraphs: int = Field(gt=0)
 
     def check(self, response, prompt=""):
-        paragraphs = re.split(r"\s?\*\*\*\s?", response)
-        count = len(paragraphs)
-        for i, paragraph in enumerate(paragraphs):
-            if not paragraph.strip():
-                if i in (0, len(paragraphs) - 1):
-                    count -= 1
-                else:
-                    return False
-        return count == self.num_paragraphs
+        paragraphs = _paragraphs(response, r"\s?\*\*\*\s?")
+        return paragraphs is not None and len(paragraphs) == self.num_paragraphs
 
     def describe(self, rng):
         return (f"There should be {self.num_paragraphs} paragraphs. Paragraphs are separated with the markdown "
@@ -246,20 +248,10 @@ class NthParagraphFirstWord(Constraint):
     first_word: str = Field(min_length=1)
 
     def check(self, response, prompt=""):
-        paragraphs = re.split(r"\n\n", response)
-        count = len(paragraphs)
-        for i, paragraph in enumerate(paragraphs):
-            if not paragraph.strip():
-                if i in (0, len(paragraphs) - 1):
-                    count -= 1
-                else:
-                    return False
-        if count != self.num_paragraphs or self.nth_paragraph > count:
+        paragraphs = _paragraphs(response, r"\n\n")
+        if paragraphs is None or len(paragraphs) != self.num_paragraphs or self.nth_paragraph > len(paragraphs):
             return False
-        paragraph = paragraphs[self.nth_paragraph - 1].strip()
-        if not paragraph:
-            return False
-        first = paragraph.split()[0].strip().lstrip("'\"")
+        first = paragraphs[self.nth_paragraph - 1].strip().split()[0].strip().lstrip("'\"")
         word = "".join(c for c in first if c not in ".,?!'\"").lower()
         return word == self.first_word.lower()
 
