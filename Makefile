@@ -30,12 +30,15 @@ install-dev: $(VENV)/.dev-installed
 demo: install
 	$(BIN)/alignflow run configs/default.yaml
 
+# a per-test ceiling (setup included: a first build of the vLLM or Label Studio environment takes ~5 min) so
+# one hang cannot eat CI's 90 minutes, and the 25 slowest tests in every log
+PYTEST_CEILING := --timeout=900 --durations=25
 test: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_CEILING) tests
 
 # the fast tier while working: unit and single-stage tests, no whole flows or servers (-m 'not slow')
 test-fast: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_CEILING) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) outputs mlflow.db mlruns mlartifacts

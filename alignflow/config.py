@@ -397,7 +397,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or any(not part.strip() for part in key.split(".")):  # `=1`, ` =1`, `sft.=1`: no key to set
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         try:
             value = _plain(_load_yaml(raw))  # YAML typing: 1e-4 -> float, [a, b] -> list

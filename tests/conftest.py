@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: the tests build their models
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -48,6 +49,59 @@ BIN = Path(sys.executable).parent  # the venv's console scripts: prefect, mlflow
 QUIET = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
          "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+# Every process this pytest session starts inherits SESSION_MARK (the janitor stops them all if pytest dies);
+# every process of one tree that `start` started carries that tree's own TREE_MARK, so `stop_tree` finds those
+# that left the tree's process group or session (Prefect starts flow runs in sessions of their own) or were
+# orphaned, and a pid reused by a stranger never matches.
+SESSION_MARK, TREE_MARK = "ALIGNFLOW_TEST_SESSION", "ALIGNFLOW_TEST_TREE"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+JANITOR = f"""
+import os, select, signal, sys
+import psutil
+session, pytest_pid, me = sys.argv[1], os.getppid(), os.getpid()
+while os.getppid() == pytest_pid:  # pytest alive; reparented = pytest died, however (SIGKILL included)
+    ready, _, _ = select.select([0], [], [], 2)
+    if ready and not os.read(0, 512):  # EOF: pytest closed its end (session over) or died
+        break
+def ours():
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in (me, pytest_pid) and proc.environ().get("{SESSION_MARK}") == session:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    left = ours()
+    for proc in left:
+        try:
+            print(sig.name, proc.pid, " ".join(proc.cmdline())[:200], flush=True)
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def janitor(tmp_path_factory):
+    """A watcher outside pytest's process group: when pytest ends or is killed (SIGKILL, a CI timeout), it stops
+    every process still carrying this session's mark, so no server of the session outlives it. At a normal end
+    anything it had to stop was leaked by a test, and is named on stderr."""
+    log = tmp_path_factory.getbasetemp() / "janitor.log"
+    env = {k: v for k, v in os.environ.items() if k != SESSION_MARK}
+    with open(log, "w") as out:
+        watcher = subprocess.Popen([sys.executable, "-c", JANITOR, os.environ[SESSION_MARK]], stdin=subprocess.PIPE,
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    yield
+    watcher.stdin.close()
+    watcher.wait(timeout=60)
+    if log.read_text().strip():
+        print(f"\nprocesses left running by the tests, stopped at the session's end:\n{log.read_text()}",
+              file=sys.__stderr__)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -55,15 +109,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(cmd: list[str], log: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a test's process in a session (and so a process group) of its own, stdout and stderr appended to
+    `log`; every process of its tree carries a fresh TREE_MARK. Stop it with `stop_tree` or `kill_tree`."""
+    mark = uuid.uuid4().hex
+    env = {**(os.environ if env is None else env), SESSION_MARK: os.environ[SESSION_MARK], TREE_MARK: mark}
+    with open(log, "ab") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.tree_mark = mark
+    return proc
+
+
+def run_in_session(cmd: list[str], timeout: float, grace: float = 5, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, timeout=timeout, **kwargs)` for a test: the command runs in a session of its own and,
+    when it overruns, its whole tree is stopped (`stop_tree`: the group, then stragglers by mark), not only the
+    command itself (subprocess.run kills the direct child alone, then waits on pipes its children still hold);
+    subprocess.TimeoutExpired is raised then, as subprocess.run does. Whatever the command left running when it
+    ended is stopped too. `capture_output`, `text`, `input`, `cwd`, `env` as subprocess.run takes them."""
+    mark = uuid.uuid4().hex
+    if kwargs.pop("capture_output", False):
+        kwargs |= {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    given = kwargs.pop("input", None)
+    if given is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    env = {**(kwargs.pop("env", None) or os.environ), SESSION_MARK: os.environ[SESSION_MARK], TREE_MARK: mark}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, **kwargs)
+    proc.tree_mark = mark
+    try:
+        out, err = proc.communicate(given, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_tree(proc, grace=grace)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    stop_tree(proc, grace=grace)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 class Server:
-    """A server process on loopback, started in its own process group and stopped with it."""
+    """A server process on loopback, started in a session of its own (`start`) and stopped with its tree."""
 
     def __init__(self, name: str, cmd: list[str], health: str, root: Path, env: dict | None = None,
                  timeout: float = 120):
         self.name, self.root, self.log_path = name, root, root / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
-                                     env={**os.environ, **QUIET, **(env or {})}, start_new_session=True)
+        self.proc = start(cmd, self.log_path, root, {**os.environ, **QUIET, **(env or {})})
         deadline = time.time() + timeout
         while not self.answers(health):
             if self.proc.poll() is not None or time.time() > deadline:
@@ -73,63 +161,118 @@ class Server:
 
     @staticmethod
     def answers(url: str) -> bool:
+        """The health URL answers 2xx (a 404 or 401 is some other server, or a wrong URL; the servers tested
+        here answer their health probes without credentials, behind auth too)."""
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return True
-        except urllib.error.HTTPError as err:
-            return err.code < 500  # a server behind auth answers its anonymous probe with 401
-        except OSError:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return 200 <= response.status < 300
+        except (OSError, urllib.error.HTTPError):  # refused, reset, timed out, or an HTTP error status
             return False
 
     def stop(self) -> None:
+        """SIGTERM to its tree, a bounded wait, SIGKILL; a second call does nothing."""
         stop_tree(self.proc)
-        self.log.close()
+
+    def kill(self) -> None:
+        """The server dies at once: SIGKILL to its whole tree, as a crash or an OOM kill would (no shutdown)."""
+        kill_tree(self.proc)
 
 
-def process_family(pid: int) -> list:
-    """The process, every descendant of it, and every member of its process group (psutil handles).
-    Descendants count separately: Prefect starts each flow run in a session of its own."""
+def tree_members(proc: subprocess.Popen) -> list:
+    """The live processes (psutil handles) of what `proc` started: itself and its descendants and its process
+    group while it is unreaped (its pid, so its group id, cannot be reused until then), and at any time every
+    process carrying its TREE_MARK (set by `start`). Zombies are dead and left out."""
     import psutil
 
-    family = {}
-    try:
-        root = psutil.Process(pid)
-        for proc in [root, *root.children(recursive=True)]:
-            family[proc.pid] = proc
-    except psutil.NoSuchProcess:
-        pass
-    for proc in psutil.process_iter():
+    mark, found = getattr(proc, "tree_mark", None), {}
+    unreaped = proc.returncode is None
+    if unreaped:
         try:
-            if proc.pid not in family and os.getpgid(proc.pid) == pid:
-                family[proc.pid] = proc
+            root = psutil.Process(proc.pid)
+            for member in [root, *root.children(recursive=True)]:
+                found[member.pid] = member
+        except psutil.NoSuchProcess:
+            pass
+    for member in psutil.process_iter():
+        try:
+            if member.pid in found:
+                continue
+            if (unreaped and os.getpgid(member.pid) == proc.pid) or (
+                    mark and member.environ().get(TREE_MARK) == mark):
+                found[member.pid] = member
         except (psutil.Error, OSError):  # gone meanwhile, or not ours to look at
             continue
-    return list(family.values())
+    alive = []
+    for member in found.values():
+        try:
+            if member.status() != psutil.STATUS_ZOMBIE:
+                alive.append(member)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def _signal_tree(proc: subprocess.Popen, members: list, sig: int) -> None:
+    """`sig` to the process group of `proc` while its group id is provably not reused (`proc` unreaped, or a
+    member carrying its mark still in the group), and to every member outside the group one by one (psutil
+    checks that a pid was not reused before signalling it)."""
+    import psutil
+
+    in_group = []
+    for member in members:
+        try:
+            in_group.append(os.getpgid(member.pid) == proc.pid)
+        except OSError:
+            in_group.append(False)
+    group = any(in_group) and (proc.returncode is None or hasattr(proc, "tree_mark"))
+    if group:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            group = False
+    for member, member_in_group in zip(members, in_group):
+        if group and member_in_group:
+            continue
+        try:
+            member.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _until_gone(proc: subprocess.Popen, steps: list[tuple[int, float]]) -> list:
+    """Send each (signal, wait) in turn to the tree of `proc` until none of it is left (polled, the tree scanned
+    again each time: what it starts while shutting down counts too); then reap `proc`. Returns the survivors."""
+    left = tree_members(proc)
+    for sig, wait in steps:
+        if not left:
+            break
+        _signal_tree(proc, left, sig)
+        deadline = time.monotonic() + wait
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = tree_members(proc)
+    if not left and proc.returncode is None:
+        proc.wait(timeout=30)  # an exited leader: reaped now, after its group was last signalled
+    proc.stopped_tree = True
+    return left
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 30, kill_wait: float = 30) -> None:
-    """Stop a process started by a test and everything it started: SIGTERM to all of them, at most
-    `grace` seconds for a clean exit, then SIGKILL to whatever is left (a `prefect worker` may sit on
-    its first SIGTERM for over a minute while it shuts down); asserts that nothing is left running."""
-    import psutil
+    """Stop a process started by a test and everything it started: SIGTERM to its process group (and to members
+    that left it), at most `grace` seconds for a clean exit, then SIGKILL to whatever is left (a `prefect worker`
+    may sit on its first SIGTERM for over a minute while it shuts down); asserts that nothing is left running.
+    Stopping twice is safe: a stopped tree is never signalled again (its pids may belong to strangers by then)."""
+    if getattr(proc, "stopped_tree", False):
+        return
+    survivors = _until_gone(proc, [(signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)])
+    assert not survivors, f"still running after SIGKILL: {[(p.pid, p.name()) for p in survivors]}"
 
-    family = process_family(proc.pid)
-    for member in family:
-        try:
-            member.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=grace)
-    # what they started while shutting down counts too
-    alive = list({p.pid: p for p in alive + [c for a in alive for c in process_family(a.pid)]}.values())
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.Error:
-            pass
-    _, survivors = psutil.wait_procs(alive, timeout=kill_wait)
-    if proc.poll() is None:
-        proc.wait(timeout=kill_wait)  # reaped, so it is no zombie of ours
+
+def kill_tree(proc: subprocess.Popen, wait: float = 30) -> None:
+    """SIGKILL to a test's process tree at once (a crash, not a shutdown); asserts that nothing is left."""
+    if getattr(proc, "stopped_tree", False):
+        return
+    survivors = _until_gone(proc, [(signal.SIGKILL, wait)])
     assert not survivors, f"still running after SIGKILL: {[(p.pid, p.name()) for p in survivors]}"
 
 

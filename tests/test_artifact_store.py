@@ -2,9 +2,6 @@
 path, its MLflow run is FAILED, the trained model is kept in the stage directory, and the rerun uploads
 it without training again."""
 
-import os
-import shutil
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,26 +17,18 @@ from tests.test_stages import artifact_paths, base_ref, dataset_ref
 
 
 @contextmanager
-def read_only(folder: Path):
-    """`folder` made unwritable for this process: chmod for a user, the immutable attribute for root
-    (whom permission bits do not stop)."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(0o755)
-        return
-    if shutil.which("chattr") is None:
-        pytest.skip("running as root without chattr: no way to make a directory unwritable here")
-    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
-    if made.returncode != 0:
-        print("chattr +i:", made.stderr.strip())  # in the test's captured output
-        pytest.skip("chattr +i refused here (root needs CAP_LINUX_IMMUTABLE to make a directory unwritable)")
+def unwritable(folder: Path):
+    """`folder` made unwritable for everyone, root included: a regular file stands where the directory was,
+    so every mkdir beneath it fails with NotADirectoryError, whatever the process may do with permission
+    bits or file attributes. The directory, with what it held, is put back afterwards."""
+    aside = folder.with_name(folder.name + ".aside")
+    folder.rename(aside)
+    folder.write_text("a file where the artifact store's directory should be\n")
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.unlink()
+        aside.rename(folder)
 
 
 def test_unwritable_artifact_store_fails_naming_the_path_and_the_rerun_uploads(smoke_config, tiny_model_path,
@@ -55,7 +44,7 @@ def test_unwritable_artifact_store_fails_naming_the_path_and_the_rerun_uploads(s
         data = dataset_ref(smoke_data["sft"][:32], tmp_path / "sft.jsonl")
         cfg = smoke_config.sft.model_copy(update={"trainer": {**smoke_config.sft.trainer, "num_train_epochs": 1,
                                                               "logging_steps": 1}})
-        with read_only(store):
+        with unwritable(store):
             with pytest.raises(OSError) as failed:
                 sft.fn(cfg, base_ref(tiny_model_path), data, ctx, cache_key="k" * 32)
         assert str(store) in str(failed.value)  # the error names where it could not write

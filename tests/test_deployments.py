@@ -2,14 +2,13 @@
 `alignflow deploy` command and Prefect's own CLI, against real Prefect and MLflow servers."""
 
 import json
-import subprocess
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from flows import deploy
-from tests.conftest import BIN, stop_tree
+from tests.conftest import BIN, run_in_session, start, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -67,20 +66,20 @@ def cancel_other_runs(api_url: str, deployment_id: str, keep, timeout: float = 1
 def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path, monkeypatch):
     env = {**servers_env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
     api = env["PREFECT_API_URL"]
-    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "alignflow-test", "--type", "process"], env=env,
-                   check=True, capture_output=True)
+    pool = run_in_session([str(BIN / "prefect"), "work-pool", "create", "alignflow-test", "--type", "process"],
+                          timeout=180, env=env, capture_output=True, text=True)
+    assert pool.returncode == 0, pool.stdout[-3000:] + pool.stderr[-3000:]
     out = tmp_path / "out"
-    made = subprocess.run([str(BIN / "alignflow"), "deploy", "--pool", "alignflow-test", "configs/smoke.yaml",
+    made = run_in_session([str(BIN / "alignflow"), "deploy", "--pool", "alignflow-test", "configs/smoke.yaml",
                            f"output_dir={out}", "experiment=scheduled", "eval.pass_k=0",
                            "dpo.trainer.num_train_epochs=0.2", "--interval", "10"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True)
+                          timeout=300, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-3000:]
     ids = dict(line.split() for line in made.stdout.splitlines() if line.startswith("align"))
     pipeline_id, rank_id = ids["align/pipeline"], ids["align-stage/stage-rank"]
 
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-test", "--limit", "1"],
-                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "alignflow-test", "--limit", "1"],
+                   tmp_path / "worker.log", tmp_path, env)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -105,9 +104,11 @@ def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path,
         assert parent.data.params["eval.pass_k"] == "0"  # the deployment's overrides reached the run
 
         # a manual rerun of one stage through Prefect's own CLI and the per-stage deployment
-        manual = subprocess.run([str(BIN / "prefect"), "deployment", "run", "align-stage/stage-rank",
+        # bounded twice: Prefect's own watch timeout, and the command's (a CLI hung on the API is killed, tree and all)
+        manual = run_in_session([str(BIN / "prefect"), "deployment", "run", "align-stage/stage-rank",
                                  "--params", json.dumps({"from_run": parent.info.run_id}), "--watch",
-                                 "--watch-timeout", "300"], env=env, cwd=tmp_path, capture_output=True, text=True)
+                                 "--watch-timeout", "300"], timeout=420, env=env, cwd=tmp_path, capture_output=True,
+                                text=True)
         assert manual.returncode == 0, manual.stdout[-3000:] + manual.stderr[-3000:]
         reruns = client.search_runs([exp.experiment_id], f"tags.`alignflow.rerun_of` = '{parent.info.run_id}'")
         rerun_parent = next(r for r in reruns if "mlflow.parentRunId" not in r.data.tags)
@@ -117,7 +118,6 @@ def test_scheduled_run_on_a_worker_and_a_manual_stage_run(servers_env, tmp_path,
         assert {r.info.run_name for r in reruns if "mlflow.parentRunId" in r.data.tags} == {"rank"}
     finally:
         stop_tree(worker)  # SIGTERM, then SIGKILL of the whole tree after a bounded wait; asserts none left
-        log.close()
 
 
 def test_serve_runs_the_schedule_from_one_process(servers_env, tmp_path, monkeypatch):
@@ -125,14 +125,12 @@ def test_serve_runs_the_schedule_from_one_process(servers_env, tmp_path, monkeyp
     declared = tmp_path / "deployments.yaml"
     declared.write_text("pipeline:\n  name: served\n  interval: 5\nstages:\n  prefix: served-\n  names: [rank]\n")
     out = tmp_path / "out"
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([str(BIN / "alignflow"), "serve", "--file", str(declared), "configs/smoke.yaml",
-                               f"output_dir={out}", "experiment=served", "eval.pass_k=0",
-                               "dpo.trainer.num_train_epochs=0.2"],
-                              env=servers_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = start([str(BIN / "alignflow"), "serve", "--file", str(declared), "configs/smoke.yaml",
+                    f"output_dir={out}", "experiment=served", "eval.pass_k=0", "dpo.trainer.num_train_epochs=0.2"],
+                   tmp_path / "serve.log", tmp_path, servers_env)
     try:
         from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         deadline, deployment = time.time() + 300, None
@@ -141,7 +139,7 @@ def test_serve_runs_the_schedule_from_one_process(servers_env, tmp_path, monkeyp
                     get_client(sync_client=True) as client:
                 try:
                     deployment = client.read_deployment_by_name("align/served")
-                except Exception:  # noqa: BLE001 - not registered yet
+                except ObjectNotFound:  # not registered yet; any other error is the test's failure, at once
                     deployment = None
             if deployment:
                 done = [r for r in flow_runs(servers_env["PREFECT_API_URL"], str(deployment.id))
@@ -158,4 +156,3 @@ def test_serve_runs_the_schedule_from_one_process(servers_env, tmp_path, monkeyp
         assert parent[0].data.tags["prefect.deployment_id"] == str(deployment.id)
     finally:
         stop_tree(server)
-        log.close()

@@ -2,19 +2,19 @@
 tiny models, without Prefect, MLflow or pydantic (the GPU image has none of them)."""
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_session
 
 pytestmark = pytest.mark.slow
 
 
 def test_dry_run_measures_every_path_and_writes_its_figures(tmp_path):
     out = tmp_path / "figures.json"
-    done = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run", str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    # in a session of its own: past the timeout the accelerate ranks it launched are stopped with it
+    done = run_in_session(["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run", str(out)], timeout=600,
+                          cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["dry_run"] and set(figures["archs"]) == {"llama", "qwen2"}

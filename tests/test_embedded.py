@@ -37,7 +37,9 @@ def test_verifier_ranks_the_right_answer_first():
     assert pairs == [] and ties == 1
 
 
-def test_base_model_is_built_cached_and_rebuilt_when_missing(tiny_model_path):
+def test_base_model_is_built_cached_and_rebuilt_when_missing(tiny_model_path, monkeypatch):
+    from alignflow.embedded import models
+
     path = Path(tiny_model_path)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -46,7 +48,13 @@ def test_base_model_is_built_cached_and_rebuilt_when_missing(tiny_model_path):
     spec = EmbeddedSpec(**{**_smoke_spec().model_dump(), "pretrain_steps": 3})  # a separate cache entry
     first = embedded.model_path(spec, "embedded:tiny-xs")
     weights = (Path(first) / "model.safetensors").read_bytes()
-    assert embedded.model_path(spec, "embedded:tiny-xs") == first  # cached: same path, not rebuilt
+    built = (Path(first) / "model.safetensors").stat()
+    build = models.build_base_model
+    monkeypatch.setattr(models, "build_base_model", lambda *a, **k: pytest.fail("a cached model was built again"))
+    assert embedded.model_path(spec, "embedded:tiny-xs") == first
+    again = (Path(first) / "model.safetensors").stat()  # the very file the first call wrote, untouched
+    assert (again.st_ino, again.st_mtime_ns, again.st_size) == (built.st_ino, built.st_mtime_ns, built.st_size)
+    monkeypatch.setattr(models, "build_base_model", build)
     shutil.rmtree(first)
     assert embedded.model_path(spec, "embedded:tiny-xs") == first
     assert (Path(first) / "model.safetensors").read_bytes() == weights  # deterministic rebuild

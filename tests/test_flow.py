@@ -1,15 +1,23 @@
 """The whole flow on the smoke config, checked through MLflow's and Prefect's own clients."""
 
 import hashlib
+import io
 import json
+import pickle
+import pickletools
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from alignflow.config import validate_config
 from alignflow.data.records import DataError
+from alignflow.tracking.model_registry import MODEL_CODE
 from flows.pipeline import align
 from tasks import stages
 from tests.conftest import SMOKE
@@ -23,7 +31,46 @@ def runs_of(experiment):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-def test_whole_flow_records_every_stage(prefect_server, smoke_config):
+def pickled(data: bytes) -> bool:
+    """Whether bytes are a pickle, whatever the file is called: a pickle stream of protocol 2-5 read through to
+    its STOP opcode (pickle.dumps, cloudpickle, torch.save's legacy format), or a zip archive holding one
+    (torch.save's format: <name>/data.pkl)."""
+    if data[:4] == b"PK\x03\x04":
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return any(name.endswith(".pkl") or pickled(archive.read(name)) for name in archive.namelist())
+    if len(data) < 2 or data[0] != pickle.PROTO[0] or not 2 <= data[1] <= 5:
+        return False
+    try:  # a safetensors header length can start with the same two bytes: only a whole stream counts
+        return any(opcode.name == "STOP" for opcode, _, _ in pickletools.genops(io.BytesIO(data)))
+    except ValueError:
+        return False
+
+
+def stored_files(experiment_id: str, names: list[str], folder: Path) -> list[Path]:
+    """Every file MLflow keeps for the experiment's runs and the registered models `names`, downloaded through
+    its client into `folder`: runs/<run>/ (each run's artifacts), logged/<model>/ (MLflow 3 keeps what
+    log_model writes outside the run's artifacts) and registry/<name>-<version>/ (what each version serves)."""
+    client = MlflowClient()
+    for run in client.search_runs([experiment_id]):
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="",
+                                            dst_path=str(folder / "runs" / run.info.run_id))
+    for model in client.search_logged_models([experiment_id]):
+        mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
+                                            dst_path=str(folder / "logged" / model.model_id))
+    for name in names:
+        for version in client.search_model_versions(f"name = '{name}'"):
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
+                                                dst_path=str(folder / "registry" / f"{name}-{version.version}"))
+    return sorted(f.relative_to(folder) for f in folder.rglob("*") if f.is_file())
+
+
+def pickles(folder: Path, files: list[Path]) -> list[Path]:
+    from alignflow.models.loading import PICKLE_SUFFIXES
+
+    return [f for f in files if f.suffix in PICKLE_SUFFIXES or pickled((folder / f).read_bytes())]
+
+
+def test_whole_flow_records_every_stage(prefect_server, smoke_config, tmp_path):
     results = align(smoke_config)
     client = MlflowClient()
     parent = client.get_run(results["parent_run_id"])
@@ -66,13 +113,30 @@ def test_whole_flow_records_every_stage(prefect_server, smoke_config):
     assert {"model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja"} <= sft_files
     assert "loss" in by_stage["sft"].data.metrics and "loss" not in parent.data.metrics
     assert "rewards/margins" in by_stage["dpo"].data.metrics
-    from alignflow.models.loading import PICKLE_SUFFIXES
-    from tests.test_stages import artifact_paths
-
-    logged = [path for run in children for path in artifact_paths(run.info.run_id)]
-    assert any(path.endswith("model.safetensors") for path in logged)
-    assert not [path for path in logged if path.endswith(PICKLE_SUFFIXES)]  # no pickle in any logged model
     assert by_stage["sample"].data.metrics["candidates"] == 24 * smoke_config.sample.num_candidates
+
+    # no pickle anywhere MLflow keeps this run's files, read by content: the runs' artifacts, the logged
+    # models and the registered versions (the pyfunc models that carry the SFT and DPO model directories)
+    experiment_id, names = parent.info.experiment_id, [f"{smoke_config.experiment}-{m}" for m in ("sft", "dpo")]
+    stored = stored_files(experiment_id, names, tmp_path / "stored")
+    for where in ("runs", "logged", "registry"):
+        assert any(f.parts[0] == where and f.name == "model.safetensors" for f in stored), where
+    assert pickles(tmp_path / "stored", stored) == []
+    # the same check finds pickles under harmless names in each of the three, logged by hand as the flow logs
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    torch.save({"weight": torch.zeros(2)}, hidden / "model.safetensors")  # a zip archive holding data.pkl
+    (hidden / "config.json").write_bytes(pickle.dumps({"hidden_size": 48}))
+    control = mlflow.create_experiment("pickled-by-hand")
+    with mlflow.start_run(experiment_id=control):
+        mlflow.log_artifacts(str(hidden), "model")
+        mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"model_dir": str(hidden)},
+                                pip_requirements=["alignflow"], registered_model_name="pickled-by-hand")
+    stored = stored_files(control, ["pickled-by-hand"], tmp_path / "control")
+    found = pickles(tmp_path / "control", stored)
+    assert sorted((f.parts[0], f.name) for f in found) == sorted(
+        (where, name) for where in ("runs", "logged", "registry") for name in ("model.safetensors", "config.json")), \
+        found
 
     from prefect import get_client
 

@@ -91,6 +91,7 @@ def test_the_watch_warns_of_a_falling_chosen_log_prob_and_of_length_preferences(
     assert metrics["watch.length_ratio"] == pytest.approx(4.0) and "as long as the rejected" in warnings[0]
 
 
+@pytest.mark.slow  # a server or a subprocess: the full suite's tier
 def test_serve_refuses_at_once_without_a_server_that_schedules(tmp_path):
     """`alignflow serve` as README shows it, on a machine with no Prefect server: Prefect's temporary server
     would poll for scheduled runs that its missing scheduler never creates; alignflow refuses instead."""

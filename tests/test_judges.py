@@ -4,15 +4,18 @@ import re
 import sys
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.components import RANKERS
 from alignflow.config import ConfigError, load_config
+from alignflow.data.records import read_jsonl
 from alignflow.rankers.ensemble import EnsembleScorer
-from alignflow.rankers.judge import Judge, PairwiseJudge, both_orders, judge_messages, parse_verdict
-from alignflow.rankers.verifier import Verifier
-from alignflow.stats import agreement, pair_preferences
+from alignflow.rankers.judge import HttpVerdicts, Judge, PairwiseJudge, both_orders, judge_messages, parse_verdict
+from alignflow.rankers.verifier import Checker, Verifier
+from alignflow.stats import agreement, bootstrap_ci, length_controlled_win_rate, pair_preferences
 from tests.conftest import SMOKE, Server, free_port
 
 ANSWERS = re.compile(r"Assistant A's Answer\]\n(.*)\n\[The End of Assistant A's Answer\].*"
@@ -52,6 +55,63 @@ class Scripted:
 
     def close(self):
         pass
+
+
+QUESTION = re.compile(r"\[User Question\]\n(.*?)\n\n\[The Start of Assistant A's Answer\]", re.S)
+
+
+class Recorded:
+    """A judge's verdict source, wrapped: every batch of judge chats it was given and the verdicts it gave."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.asked = verdicts, []
+
+    def __call__(self, chats):
+        said = self.verdicts(chats)
+        self.asked.append((chats, said))
+        return said
+
+    def close(self):
+        self.verdicts.close()
+
+
+def stats_by_hand(said: list) -> dict:
+    """A pairwise judge's stats worked out from the verdicts it gave for one batch: the first half of the
+    batch shows each pair one way round, the second half the other."""
+    n = len(said) // 2
+    agreeing = sum((a, b) in (("A", "B"), ("B", "A"), ("C", "C")) for a, b in zip(said[:n], said[n:]))
+    decisive = [v for v in said if v in ("A", "B")]
+    return {"judge.pairs_judged": n, "judge.calls": 2 * n, "judge.consistency_rate": agreeing / n,
+            "judge.first_position_rate": decisive.count("A") / len(decisive) if decisive else 0.5,
+            "judge.unparsed_rate": sum(v is None for v in said) / (2 * n)}
+
+
+def win_rates_by_hand(prompts: list, cands: list, chats: list, said: list) -> list[list[float]]:
+    """Each candidate's share of the games it played (a tie counts half; none played: 0.5), read from the
+    judge chats themselves: which prompt, which two answers, in which order."""
+    n = len(chats) // 2
+    prompt_of = {"\n\n".join(m["content"] for m in p if m["role"] != "assistant"): k for k, p in enumerate(prompts)}
+    assert len(prompt_of) == len(prompts) and all(len(set(c)) == len(c) for c in cands)
+    wins, games = [[0.0] * len(c) for c in cands], [[0] * len(c) for c in cands]
+    for chat, swapped, first, second in zip(chats[:n], chats[n:], said[:n], said[n:]):
+        x, y = ANSWERS.search(chat[1]["content"]).groups()
+        assert ANSWERS.search(swapped[1]["content"]).groups() == (y, x)  # the same pair, the other way round
+        k = prompt_of[QUESTION.search(chat[1]["content"]).group(1)]
+        i, j = cands[k].index(x), cands[k].index(y)
+        won = {("A", "B"): 1.0, ("B", "A"): 0.0}.get((first, second), 0.5)
+        wins[k][i] += won
+        wins[k][j] += 1 - won
+        games[k][i] += 1
+        games[k][j] += 1
+    return [[w / g if g else 0.5 for w, g in zip(ws, gs)] for ws, gs in zip(wins, games)]
+
+
+def agreement_by_hand(first: list[list[float]], second: list[list[float]]) -> float:
+    """The share of candidate pairs that two rankings order alike (better, worse or tied)."""
+    sign = lambda d: (d > 0) - (d < 0)  # noqa: E731
+    alike = [sign(a[i] - a[j]) == sign(b[i] - b[j]) for a, b in zip(first, second)
+             for i in range(len(a)) for j in range(i + 1, len(a))]
+    return sum(alike) / len(alike)
 
 
 def test_verdicts_are_read_by_mt_bench_s_rule_and_both_orders_must_agree():
@@ -124,16 +184,36 @@ def test_ensemble_votes_counts_disagreements_and_is_validated(smoke_data):
 def test_local_judge_on_the_embedded_model(tiny_model_path, smoke_data):
     prompts, cands, refs = candidates(smoke_data["prompts"])
     judge = Judge(model=tiny_model_path, max_pairs=4).open("cpu")
+    judge.verdicts = recorded = Recorded(judge.verdicts)
     scores = judge.score_groups(prompts, cands, refs)
+    [(chats, said)] = recorded.asked
+    assert set(said) <= {"A", "B", "C"}  # verdicts read from probabilities: always one of three
     stats = judge.stats()
-    assert stats["judge.pairs_judged"] == 6 * 4 and stats["judge.calls"] == 2 * 6 * 4
-    assert stats["judge.unparsed_rate"] == 0.0  # verdicts read from probabilities: always one of three
-    for group in scores:  # win rates; the games played sum to the pairs judged per prompt
-        assert len(group) == 4 and all(0.0 <= s <= 1.0 for s in group)
+    assert stats == pytest.approx(stats_by_hand(said)) and stats["judge.pairs_judged"] == 6 * 4
+    assert stats["judge.unparsed_rate"] == 0.0
+    # each candidate's win rate over the pairs it played, as the verdicts say
+    assert scores == [pytest.approx(group) for group in win_rates_by_hand(prompts, cands, chats, said)]
     again = Judge(model=tiny_model_path, max_pairs=4).open("cpu").score_groups(prompts, cands, refs)
     assert again == scores  # deterministic: no sampling anywhere
-    found = agreement(scores, Verifier().score_groups(prompts, cands, refs))
-    assert 0.0 <= found["agreement"] <= 1.0 and found["pairs"] == 6 * 6
+    verifier = Verifier().score_groups(prompts, cands, refs)
+    found = agreement(scores, verifier)
+    assert found["agreement"] == pytest.approx(agreement_by_hand(scores, verifier)) and found["pairs"] == 6 * 6
+
+
+def head_to_head(evaluate_run, scorer) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Per eval prompt, DPO's answer against SFT's as `scorer` scores them alone (1.0 better, 0.0 worse, 0.5
+    equal), the answers' length difference in words, and DPO's scores: worked out from the evaluate run's
+    samples table, which holds every model's answer to every prompt in order."""
+    table = MlflowClient().load_table(evaluate_run.info.experiment_id, "eval_samples.json",
+                                      run_ids=[evaluate_run.info.run_id])
+    dpo, sft = (table[table["model"] == name] for name in ("dpo", "sft"))
+    assert len(dpo) == 24 and list(dpo["prompt"]) == list(sft["prompt"])
+    prompts = [[{"role": "user", "content": text}] for text in dpo["prompt"]]
+    references = [ref or None for ref in dpo["reference"]]  # "" where the prompt came without one
+    ours, theirs = (scorer.score(prompts, list(t["answer"]), references) for t in (dpo, sft))
+    outcomes = np.array([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(ours, theirs)])
+    lengths = np.array([len(a.split()) - len(b.split()) for a, b in zip(dpo["answer"], sft["answer"])], dtype=float)
+    return outcomes, lengths, ours
 
 
 def judge_server(model_path: str, tmp_path: Path) -> tuple[Server, str]:
@@ -152,14 +232,17 @@ def test_served_judge_over_http_and_a_server_that_is_down(tiny_model_path, smoke
     server, url = judge_server(tiny_model_path, tmp_path)
     try:
         judge = Judge(model=tiny_model_path, url=url, max_tokens=6, max_pairs=2).open("cpu")
+        judge.verdicts = recorded = Recorded(judge.verdicts)
         scores = judge.score_groups(prompts, cands, refs)
         judge.close()
     finally:
         server.stop()
     requests = server.log_path.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
     assert requests == judge.stats()["judge.calls"] == 2 * 2 * 2  # both orders of every judged pair, all answered
-    assert 0.0 <= judge.stats()["judge.unparsed_rate"] <= 1.0  # a tiny model seldom writes [[A]]: counted, a tie
-    assert all(len(g) == 4 for g in scores)
+    # a reply without [[A]], [[B]] or [[C]] (the tiny model writes none) is counted as unparsed, and is a tie
+    [(chats, said)] = recorded.asked
+    assert judge.stats() == pytest.approx(stats_by_hand(said))
+    assert scores == [pytest.approx(group) for group in win_rates_by_hand(prompts, cands, chats, said)]
     down = Judge(model="m", url=f"http://127.0.0.1:{free_port()}/v1", max_retries=1, timeout=5).open("cpu")
     with pytest.raises(openai.APIConnectionError):
         down.score_groups(prompts, cands, refs)
@@ -172,6 +255,14 @@ def test_ensemble_with_a_served_judge_through_the_flow_keeps_its_key_secret(pref
 
     secret = "sk-test-do-not-log-9f3a"
     monkeypatch.setenv("ALIGNFLOW_TEST_JUDGE_KEY", secret)
+    asked, ask = [], HttpVerdicts.__call__  # every batch the served judge is given in the flow, and its verdicts
+
+    def recording(self, chats):
+        said = ask(self, chats)
+        asked.append(said)
+        return said
+
+    monkeypatch.setattr(HttpVerdicts, "__call__", recording)
     server, url = judge_server(tiny_model_path, tmp_path)
     try:
         judge = f"{{type: judge, url: '{url}', model: '{tiny_model_path}', max_tokens: 6, max_pairs: 2, " \
@@ -189,11 +280,27 @@ def test_ensemble_with_a_served_judge_through_the_flow_keeps_its_key_secret(pref
         f"tags.mlflow.parentRunId = '{results['parent_run_id']}'")}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     rank = runs["rank"].data.metrics
-    assert rank["pairs"] > 0 and 0 <= rank["judge.consistency_rate"] <= 1
-    assert rank["ensemble.disagreement_rate"] > 0  # the verifier decides pairs the tiny judge cannot
-    assert 0 <= rank["agreement.verifier"] <= 1 and "kappa.verifier" in rank
+    assert rank["pairs"] > 0 and len(asked) == 2  # one batch for the rank stage, then one for the evaluation
+    expected = stats_by_hand(asked[0])
+    for key in ("judge.pairs_judged", "judge.consistency_rate", "judge.first_position_rate", "judge.unparsed_rate"):
+        assert rank[key] == pytest.approx(expected[key]), key
+    # the tiny judge (a prose model, shown a prompt longer than its 512 positions) writes no verdict at all: to
+    # it every pair is a tie, so the ensemble orders each prompt's candidates exactly as its verifier does,
+    # and disagrees with the judge on every pair the verifier decides
+    assert not [v for said in asked for v in said if v is not None]
+    assert rank["judge.consistency_rate"] == 0.0
+    assert rank["agreement.verifier"] == 1.0 and rank["kappa.verifier"] == 1.0
+    rows = read_jsonl(mlflow.artifacts.download_artifacts(run_id=runs["sample"].info.run_id,
+                                                          artifact_path="candidates.jsonl"))
+    verifier = Verifier().score_groups([r["prompt"] for r in rows], [r["candidates"] for r in rows],
+                                       [r["reference"] for r in rows])
+    decided = [g[i] != g[j] for g in verifier for i in range(len(g)) for j in range(i + 1, len(g))]
+    assert any(decided) and rank["ensemble.disagreement_rate"] == pytest.approx(sum(decided) / len(decided))
+    # DPO against SFT on the eval prompts: the verifier's verdict, the judge tying every one
     evaluate = runs["evaluate"].data.metrics
-    assert 0 <= evaluate["dpo.lc_win_rate_vs_sft"] <= 1 and "dpo.win_rate_vs_sft_ci95_low" in evaluate
+    outcomes, lengths, _ = head_to_head(runs["evaluate"], Verifier())
+    assert evaluate["dpo.win_rate_vs_sft"] == pytest.approx(outcomes.mean())
+    assert evaluate["dpo.lc_win_rate_vs_sft"] == pytest.approx(length_controlled_win_rate(outcomes, lengths))
     assert evaluate["ensemble.pairs"] == 24  # the ensemble judged DPO against SFT on every eval prompt
     assert "dpo.mean_reward" not in evaluate  # a pairwise ranker gives no reward to one answer alone
     assert runs["rank"].data.tags.get("alignflow.cache_hit") != "true"
@@ -218,13 +325,23 @@ def test_eval_prompts_without_references_are_judged_by_win_rate_against_sft(pref
               "rank.ranker=checker", "eval.pass_k=0"]
     with pytest.raises(DataError, match="row 1: field 'output'"):  # the verifier would judge: references needed
         preflight(load_config(SMOKE, common), "cpu")
-    results = align(load_config(SMOKE, common + ["eval.win_rate_by=ranker"]))
+    config = load_config(SMOKE, common + ["eval.win_rate_by=ranker"])
+    results = align(config)
     client = MlflowClient()
-    metrics = client.get_run(results["parent_run_id"]).data.metrics
+    parent = client.get_run(results["parent_run_id"])
+    metrics = parent.data.metrics
     assert "dpo.accuracy" not in metrics and "sft.flaw_wrong" not in metrics  # nothing to be exact against
+    # the checker scores each answer against the one it works out from the prompt; DPO wins a prompt where
+    # its answer scores higher than SFT's
+    (evaluate_run,) = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = "
+                                         f"'{parent.info.run_id}' and tags.`alignflow.stage` = 'evaluate'")
+    outcomes, lengths, dpo_scores = head_to_head(evaluate_run, Checker())
     low, rate, high = (metrics[f"dpo.win_rate_vs_sft{s}"] for s in ("_ci95_low", "", "_ci95_high"))
-    assert 0 <= low <= rate <= high <= 1 and 0 <= metrics["dpo.lc_win_rate_vs_sft"] <= 1
-    assert "dpo.mean_reward" in metrics and "delta_vs_sft" not in " ".join(metrics)
+    assert rate == pytest.approx(outcomes.mean())
+    assert (low, high) == pytest.approx(bootstrap_ci(outcomes, config.eval.bootstrap, config.seed))
+    assert metrics["dpo.lc_win_rate_vs_sft"] == pytest.approx(length_controlled_win_rate(outcomes, lengths))
+    assert metrics["dpo.mean_reward"] == pytest.approx(np.mean(dpo_scores))
+    assert "delta_vs_sft" not in " ".join(metrics)
     report = open(results["report"]).read()
     row = next(line for line in report.splitlines() if line.startswith("| **dpo**"))
     assert f"{rate:.3f} [{low:.3f}, {high:.3f}]" in row and "## Accuracy per task type" not in report

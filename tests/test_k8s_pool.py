@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import BIN, QUIET, ROOT
+from tests.conftest import BIN, QUIET, ROOT, run_in_session
 
 pytestmark = pytest.mark.slow
 TEMPLATE = ROOT / "infra" / "k8s" / "gpu-work-pool.json"
@@ -30,11 +30,13 @@ def test_every_job_variable_is_used_and_prefects_own_are_kept():
 
 
 def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """The command in a session of its own; past the timeout its whole tree is stopped, not only the command."""
+    return run_in_session(cmd, timeout=300, env=env, cwd=ROOT, capture_output=True, text=True)
 
 
 def test_gpu_pool_created_deployed_to_and_rendered(prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
@@ -51,7 +53,12 @@ def test_gpu_pool_created_deployed_to_and_rendered(prefect_api, tmp_path):
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         stored = client.read_work_pool(pool)
         deployment = client.read_deployment_by_name("align/pipeline")
-    assert stored.type == "kubernetes" and stored.base_job_template == json.loads(TEMPLATE.read_text())
+        # the server holds the pool to its template's variable schema: a deployment asking for -1 GPUs is refused
+        with pytest.raises(PrefectHTTPStatusError, match="gpu_count") as refused:
+            client.create_deployment(flow_id=deployment.flow_id, name="no-gpus", work_pool_name=pool,
+                                     job_variables={"gpu_count": -1})
+    assert refused.value.response.status_code == 422
+    assert stored.type == "kubernetes"
     assert deployment.work_pool_name == pool
     assert deployment.job_variables == {"gpu_count": 8,
                                         "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}

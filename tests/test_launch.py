@@ -146,6 +146,11 @@ def test_a_killed_rank_fails_the_stage_and_the_rerun_resumes(smoke_config, tiny_
     last = runs[0]
     assert last.info.run_id == resumed.run_id and last.info.status == "FINISHED"
     assert last.data.tags["alignflow.resumed_from"].startswith("checkpoint-")
+    step = int(last.data.tags["alignflow.resumed_from"].split("-")[1])
+    # trained on from the checkpoint, not again from step 0: its first logged step comes after the checkpoint's
+    # and it trained only the steps left (logging_steps=1: one loss value a step)
+    logged = sorted(m.step for m in MlflowClient().get_metric_history(last.info.run_id, "loss"))
+    assert 4 <= step < 80 and logged == list(range(step + 1, 81)), (step, logged)
     assert last.data.metrics["global_step"] == 80 and last.data.params["sft.world_size"] == "2"
     assert not list((stage / "trainer").glob("checkpoint-*"))
 

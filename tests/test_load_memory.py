@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench.load import VARIANT, make_file
 from tests.conftest import ROOT
 
@@ -16,6 +18,7 @@ def convert(variant: str, src, out) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a server or a subprocess: the full suite's tier
 def test_streaming_conversion_memory_does_not_grow_with_the_file(tmp_path):
     small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
     make_file(small, 10_000)

@@ -9,6 +9,7 @@ from tests.conftest import free_port
 from tests.test_judges import judge_server
 
 
+@pytest.mark.slow  # a server or a subprocess: the full suite's tier
 def test_openai_engine_answers_n_per_prompt_from_a_served_model(tiny_model_path, smoke_data, tmp_path):
     import openai
     from transformers import AutoTokenizer

@@ -4,6 +4,7 @@ import shutil
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from alignflow.config import RegistrySection, load_config
@@ -70,9 +71,23 @@ def test_champion_moves_only_when_the_interval_clears_the_champion(smoke_config,
     parent = client.get_run(run_ctx.parent_run_id)
     assert parent.data.tags["alignflow.promotion"] == "kept champion"
 
-    # the registered model loads back through MLflow and answers
-    answers = mlflow.pyfunc.load_model("models:/reg-dpo@champion").predict(["Count the words.\n\nred fox"])
-    assert len(answers) == 1 and isinstance(answers[0], str)
+    # the champion alias holds the promoted variant's directory, and loaded back through MLflow it is that
+    # model: predict answers as greedy decoding of it does (64 new tokens), and since the untuned model's
+    # answers are blank, its next-token logits are what tell it from any other model
+    from alignflow.models.generate import generate
+    from alignflow.models.loading import load_causal_lm, load_tokenizer
+    from alignflow.tracking.model_registry import version_model_dir
+    from tests.test_lora_stack import next_token_logits
+
+    assert open(f"{version_model_dir(alias_version('reg-dpo', 'champion'))}/variant.txt").read() == "1"
+    prompts = [r["prompt"] for r in eval_rows if len(r["prompt"]) == 1][:4]
+    champion = mlflow.pyfunc.load_model("models:/reg-dpo@champion")
+    answers = champion.predict([p[-1]["content"] for p in prompts])
+    model, tokenizer = load_causal_lm(variants[1].local_path, "cpu"), load_tokenizer(variants[1].local_path)
+    assert answers == [a[0]["text"] for a in generate(model, tokenizer, prompts, max_new_tokens=64)]
+    loaded = champion.unwrap_python_model()
+    torch.testing.assert_close(next_token_logits(loaded.model, loaded.tokenizer, prompts),
+                               next_token_logits(model, tokenizer, prompts))
 
 
 def test_refused_challengers_are_registered_but_never_champion(smoke_config, tiny_model_path, smoke_data, run_ctx,

@@ -16,6 +16,7 @@ def fast(step):
     return step.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
 
 
+@pytest.mark.slow  # a server or a subprocess: the full suite's tier
 def test_upload_retries_transient_failures(prefect_server, tmp_path, monkeypatch):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "weights.safetensors").write_bytes(b"123")
@@ -40,6 +41,7 @@ def test_upload_retries_transient_failures(prefect_server, tmp_path, monkeypatch
     assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "model")] == ["model/weights.safetensors"]
 
 
+@pytest.mark.slow  # a server or a subprocess: the full suite's tier
 def test_permanent_failures_fail_at_once(prefect_server, tmp_path, monkeypatch):
     from huggingface_hub.errors import OfflineModeIsEnabled
 

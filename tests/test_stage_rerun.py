@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -17,9 +18,29 @@ from tests.conftest import SMOKE
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory):
+    """One tracking store and working directory for the module: its tests share one source flow run."""
+    root = tmp_path_factory.mktemp("reruns")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(root)
+        yield root, uri
+
+
 @pytest.fixture
-def source_run(prefect_server, tmp_path):
-    return align(load_config(SMOKE, [f"output_dir={tmp_path / 'out'}", "experiment=reruns", "eval.pass_k=0"]))
+def mlflow_store(module_store):  # in place of conftest's per-test store
+    mlflow.set_tracking_uri(module_store[1])
+    yield module_store[1]
+    while mlflow.active_run():
+        mlflow.end_run("FAILED")
+
+
+@pytest.fixture(scope="module")
+def source_run(prefect_server, module_store):
+    mlflow.set_tracking_uri(module_store[1])
+    return align(load_config(SMOKE, [f"output_dir={module_store[0] / 'out'}", "experiment=reruns", "eval.pass_k=0"]))
 
 
 def children(parent_run_id: str) -> dict:
@@ -78,6 +99,13 @@ def source_run_uri(run) -> str:
     return json.loads(run.data.tags["alignflow.output"])["uri"]
 
 
+def test_rerun_names_what_is_missing(source_run, capsys):
+    assert main(["stage", "sft", "--from-run", source_run["parent_run_id"], "sft.trainer.no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert main(["stage", "dpo", "--from-run", "0" * 32]) == 2
+
+
+# last: it alters the shared source run's stored SFT model
 def test_rerun_checks_digests_before_loading_and_leaves_no_run(source_run, capsys):
     client = MlflowClient()
     source_id = source_run["parent_run_id"]
@@ -99,9 +127,3 @@ def source_run_uri_local(run) -> str:
     import json
 
     return json.loads(run.data.tags["alignflow.output"])["local_path"]
-
-
-def test_rerun_names_what_is_missing(source_run, capsys):
-    assert main(["stage", "sft", "--from-run", source_run["parent_run_id"], "sft.trainer.no_such_field=1"]) == 2
-    assert "no_such_field" in capsys.readouterr().err
-    assert main(["stage", "dpo", "--from-run", "0" * 32]) == 2

@@ -49,12 +49,29 @@ def sft_config(smoke_config):
 
 
 @pytest.fixture
+def trainer_args_used(monkeypatch) -> list:
+    """The TRL config of every trainer built from here on (alignflow.training.run.build_trainer), as it ran."""
+    import alignflow.training.run as run
+
+    used, build = [], run.build_trainer
+
+    def recording(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        used.append(trainer.args)
+        return trainer
+
+    monkeypatch.setattr(run, "build_trainer", recording)
+    return used
+
+
+@pytest.fixture
 def sft_model(sft_config, tiny_model_path, smoke_data, run_ctx, tmp_path):
     data = dataset_ref(smoke_data["sft"], tmp_path / "sft.jsonl")
     return sft.fn(sft_config, base_ref(tiny_model_path), data, run_ctx)
 
 
-def test_sft_changes_weights_lowers_loss_and_records_everything(sft_model, tiny_model_path, run_ctx):
+def test_sft_changes_weights_lowers_loss_and_records_everything(trainer_args_used, sft_model, tiny_model_path,
+                                                                 run_ctx):
     before = load_file(f"{tiny_model_path}/model.safetensors")
     after = load_file(f"{sft_model.local_path}/model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -63,8 +80,12 @@ def test_sft_changes_weights_lowers_loss_and_records_everything(sft_model, tiny_
     run = child_run(run_ctx, "sft")
     losses = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "loss")]
     assert len(losses) >= 3 and losses[-1] < losses[0]
-    assert run.data.params["sft.trainer.bf16"] == "False"  # the resolved CPU defaults are what is logged
-    assert run.data.params["sft.trainer.learning_rate"] == "0.003"
+    # the params are what the trainer ran with, the per-device defaults resolved (bf16 off on CPU), not the YAML
+    (used,) = trainer_args_used
+    assert used.bf16 is False and used.use_cpu is True and used.learning_rate == 3e-3
+    for key in ("bf16", "fp16", "use_cpu", "learning_rate", "num_train_epochs", "per_device_train_batch_size",
+                "seed", "logging_steps", "max_length"):
+        assert run.data.params[f"sft.trainer.{key}"] == str(getattr(used, key)), key
     assert run.inputs.dataset_inputs[0].dataset.digest
     artifacts = artifact_paths(run.info.run_id)
     assert {"model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja"} <= set(artifacts)

@@ -23,7 +23,7 @@ class DataError(ValueError):
         if len(problem) > MAX_PROBLEM:
             problem = problem[:MAX_PROBLEM - 1] + "…"
         super().__init__(f"{where}: {problem}")
-        self.source, self.row, self.field = source, row, field
+        self.source, self.problem, self.row, self.field = source, problem, row, field
 
 
 def read_records(path: str, split: str = "train") -> list[dict]:

@@ -30,8 +30,10 @@ persisted results; the rank stage is a task, so it pauses (the process waits, po
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -99,7 +101,7 @@ def check_labels(labels: list[dict], expected: dict[str, list[str]], source: str
         if not isinstance(label, dict):
             raise LabelError(source, f"expected an object {{prompt_id, ranks}}, got {type(label).__name__}", row=row)
         pid, ranks = label.get("prompt_id"), label.get("ranks")
-        if pid not in expected:
+        if not isinstance(pid, str) or pid not in expected:
             raise LabelError(source, f"unknown prompt id {pid!r}", row=row, field="prompt_id")
         if pid in checked:
             raise LabelError(source, f"prompt {pid} is labelled twice in this batch", row=row, field="prompt_id")
@@ -131,34 +133,55 @@ def read_label_file(path: str, expected: dict[str, list[str]]) -> dict[str, dict
     if not file.is_file():
         raise LabelError(path, "file not found")
     if file.suffix == ".csv":
-        grouped: dict[str, dict] = {}
-        first_row: dict[str, int] = {}
-        with open(file, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"prompt_id", "candidate_id", "rank"} <= set(reader.fieldnames):
-                raise LabelError(path, f"expected columns prompt_id, candidate_id, rank; got {reader.fieldnames}",
-                                 row=1)
-            for line, record in enumerate(reader, start=2):
-                raw = (record.get("rank") or "").strip()
-                if not raw:
-                    continue
-                try:
-                    rank = int(raw)
-                except ValueError:
-                    raise LabelError(path, f"rank {raw!r} is not a whole number", row=line, field="rank") from None
-                pid, cid = record["prompt_id"], record["candidate_id"]
-                if cid in grouped.setdefault(pid, {}):
-                    raise LabelError(path, f"candidate {cid} of prompt {pid} is ranked twice", row=line,
-                                     field="candidate_id")
-                grouped[pid][cid] = rank
-                first_row.setdefault(pid, line)
-        labels = [{"prompt_id": pid, "ranks": ranks} for pid, ranks in grouped.items()]
-        return check_labels(labels, expected, path, [first_row[pid] for pid in grouped])
+        return _read_label_table(file, path, expected)
     from alignflow.data.records import read_records
 
     if file.suffix not in (".jsonl", ".json"):
         raise LabelError(path, f"unsupported file type {file.suffix!r}: use the exported .csv, or .jsonl / .json")
-    return check_labels(read_records(path), expected, path)
+    try:
+        records = read_records(path)
+    except DataError as err:  # not JSON, not UTF-8...: a LabelError too, the error `alignflow label import` reports
+        raise LabelError(err.source, err.problem, row=err.row, field=err.field) from None
+    return check_labels(records, expected, path)
+
+
+def _read_label_table(file: Path, path: str, expected: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """The exported CSV filled in; read whole (it is one row per candidate), as UTF-8 with or without the
+    byte-order mark a spreadsheet writes."""
+    raw = file.read_bytes()
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        at_line = raw.count(b"\n", 0, err.start) + 1
+        raise LabelError(path, f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r} at line {at_line} "
+                         "(save the file as UTF-8)") from None
+    grouped: dict[str, dict] = {}
+    first_row: dict[str, int] = {}
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    line = 0  # the last row read; the header is row 1
+    try:
+        if not reader.fieldnames or not {"prompt_id", "candidate_id", "rank"} <= set(reader.fieldnames):
+            raise LabelError(path, f"expected columns prompt_id, candidate_id, rank; got {reader.fieldnames}", row=1)
+        line = 1
+        for line, record in enumerate(reader, start=2):
+            raw_rank = (record.get("rank") or "").strip()
+            if not raw_rank:
+                continue
+            try:
+                rank = int(raw_rank)
+            except ValueError:
+                raise LabelError(path, f"rank {raw_rank!r} is not a whole number", row=line, field="rank") from None
+            pid, cid = record["prompt_id"], record["candidate_id"]
+            if cid in grouped.setdefault(pid, {}):
+                raise LabelError(path, f"candidate {cid} of prompt {pid} is ranked twice", row=line,
+                                 field="candidate_id")
+            grouped[pid][cid] = rank
+            first_row.setdefault(pid, line)
+    except csv.Error as err:  # a field past csv's size limit (131,072 characters)
+        raise LabelError(path, f"not readable as CSV ({err})", row=line + 1) from None
+    labels = [{"prompt_id": pid, "ranks": ranks} for pid, ranks in grouped.items()]
+    return check_labels(labels, expected, path, [first_row[pid] for pid in grouped])
 
 
 def scores_from_ranks(ranks: dict[str, int], candidate_ids: list[str]) -> list[float]:

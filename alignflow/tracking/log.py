@@ -3,6 +3,7 @@ metrics, and the output reference a stage records for reruns."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -93,6 +94,26 @@ class TrackingLost(RuntimeError):
     """Metric values that could not reach the tracking server, however long the stage waited for it."""
 
 
+TRACKING_WAIT = "ALIGNFLOW_TRACKING_WAIT"  # seconds a training stage waits, once trained, for an absent tracking server
+
+
+def tracking_wait() -> float:
+    """$ALIGNFLOW_TRACKING_WAIT (seconds, >= 0), else 600: how long a stage whose training ended while the
+    tracking server was away waits for it before failing with TrackingLost. An environment variable, not a
+    config key: it is the deployment's tolerance for outages (like MLFLOW_HTTP_REQUEST_TIMEOUT), not part of
+    the experiment, and it reaches launched ranks with their environment."""
+    raw = os.environ.get(TRACKING_WAIT, "").strip()
+    if not raw:
+        return 600.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN included
+        raise ValueError(f"{TRACKING_WAIT}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
 class MlflowMetricsCallback(TrainerCallback):
     """TRL's training metrics into the stage's own run, batched: sent every `flush_every` values or
     `flush_seconds`, whichever comes first, so curves appear while training runs.
@@ -101,13 +122,14 @@ class MlflowMetricsCallback(TrainerCallback):
     logs hundreds of TrainingArguments as params; one log_batch is ~50x cheaper than per-value calls.
     A tracking server that is away (past MLflow's own request retries) loses nothing: the values stay
     buffered, training goes on, and they are sent when it answers again; at the end of training the
-    callback waits up to `final_wait` seconds for it, then fails the stage naming how many values
-    (and which steps) were not logged (TrackingLost).
+    callback waits up to `final_wait` seconds for it (default: $ALIGNFLOW_TRACKING_WAIT, else 600), then
+    fails the stage naming how many values (and which steps) were not logged (TrackingLost).
     """
 
-    def __init__(self, run_id: str, flush_every: int = 500, flush_seconds: float = 10, final_wait: float = 600):
+    def __init__(self, run_id: str, flush_every: int = 500, flush_seconds: float = 10,
+                 final_wait: float | None = None):
         self.run_id, self.flush_every, self.flush_seconds = run_id, flush_every, flush_seconds
-        self.final_wait = final_wait
+        self.final_wait = tracking_wait() if final_wait is None else final_wait
         self.buffer: list[Metric] = []
         self.history: list[dict[str, float]] = []
         self.last_flush, self.away_since = time.monotonic(), None

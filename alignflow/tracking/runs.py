@@ -118,7 +118,7 @@ def parent_run(experiment: str, run_name: str, config_hash: str, params: dict[st
     close_dead_runs(found.experiment_id)
     tags = {"alignflow.config_hash": config_hash, "alignflow.git_commit": git_commit(), **orchestrator_tags(),
             **process_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    with ended(mlflow.start_run(run_name=run_name, tags=tags)) as run:
         log_params(run.info.run_id, params)
         if config is not None:
             mlflow.log_dict(drop_secrets(config), "config.json")
@@ -135,9 +135,34 @@ def stage_run(ctx: RunContext, stage: str, params: dict[str, str] | None = None,
             **ctx.tags,
             **({"alignflow.cache_key": cache_key, "alignflow.cache_hit": "false"} if cache_key else {}),
             **(tags or {})}
-    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id,
-                          nested=True, tags=tags) as run:
+    with ended(mlflow.start_run(experiment_id=ctx.experiment_id, run_name=stage, parent_run_id=ctx.parent_run_id,
+                                nested=True, tags=tags)) as run:
         log_params(run.info.run_id, params or {})
         yield run.info.run_id
+
+
+@contextmanager
+def ended(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """An active run ended FINISHED, or FAILED by an exception. When the run cannot be marked FAILED (the
+    tracking server is away: what a TrackingLost stage is failing for), the exception that failed it is the one
+    raised, not the tracking client's; the run stays RUNNING until a later run closes it (close_dead_runs)."""
+    import logging
+
+    def active() -> bool:  # not ended meanwhile by the code inside
+        top = mlflow.active_run()
+        return top is not None and top.info.run_id == run.info.run_id
+
+    try:
+        yield run
+    except BaseException:
+        try:
+            if active():
+                mlflow.end_run("FAILED")
+        except Exception as err:  # noqa: BLE001 - MlflowException or requests' errors, whichever the client raised
+            logging.getLogger("alignflow").warning("run %s could not be marked FAILED: %s", run.info.run_id,
+                                                   (str(err).splitlines() or [type(err).__name__])[0][:200])
+        raise
+    if active():
+        mlflow.end_run("FINISHED")
 
 
