@@ -20,7 +20,7 @@ from alignflow.data.records import DataError
 from alignflow.tracking.model_registry import MODEL_CODE
 from flows.pipeline import align
 from tasks import stages
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -192,10 +192,11 @@ def test_bad_input_fails_before_any_model_loads(prefect_server, smoke_config, tm
 
 
 def test_cli_reports_bad_config_key_and_validates(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(SMOKE), "sft.trainer.lr=0.1"],
-                         capture_output=True, text=True)
+    run = run_in_session([sys.executable, "-m", "flows.cli", "run", str(SMOKE), "sft.trainer.lr=0.1"],
+                         timeout=300, capture_output=True, text=True)
     assert run.returncode == 2 and "lr" in run.stderr and "SFTConfig" in run.stderr
-    ok = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(SMOKE)], capture_output=True, text=True)
+    ok = run_in_session([sys.executable, "-m", "flows.cli", "validate", str(SMOKE)], timeout=300,
+                        capture_output=True, text=True)
     assert ok.returncode == 0 and "valid" in ok.stdout
 
 

@@ -2,14 +2,13 @@
 refuse such a model, and `alignflow serve` refusing where no schedule would ever fire."""
 
 import os
-import subprocess
 import time
 
 import pytest
 
 from alignflow.config import RegistrySection, WatchSection
 from alignflow.health import answer_health, preference_watch, promotion_refusals, repetition, versus_sft
-from tests.conftest import BIN, QUIET, ROOT, free_port
+from tests.conftest import BIN, QUIET, ROOT, free_port, run_in_session
 
 PROSE = ("The river runs past the old mill, where children fish on summer evenings and the miller's dog "
          "sleeps in the shade of a walnut tree.")
@@ -99,13 +98,13 @@ def test_serve_refuses_at_once_without_a_server_that_schedules(tmp_path):
         "PREFECT_HOME": str(tmp_path / "prefect")}
     command = [str(BIN / "alignflow"), "serve", "configs/smoke.yaml", f"output_dir={tmp_path}", "--interval", "45"]
     started = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = run_in_session(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "prefect server start" in done.stderr and "PREFECT_API_URL" in done.stderr
     assert time.monotonic() - started < 60  # at once: no server was started and nothing was served
     # a URL where nothing answers is refused the same way, naming it
     url = f"http://127.0.0.1:{free_port()}/api"
-    done = subprocess.run(command, cwd=ROOT, env=env | {"PREFECT_API_URL": url}, capture_output=True, text=True,
+    done = run_in_session(command, cwd=ROOT, env=env | {"PREFECT_API_URL": url}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and f"no Prefect server answers at PREFECT_API_URL={url}" in done.stderr
 

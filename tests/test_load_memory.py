@@ -3,18 +3,18 @@ docs/load.md): converting an SFT file streams, so peak memory does not grow with
 converted file is the one the materialising reader writes."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from bench.load import VARIANT, make_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_session
 
 
 def convert(variant: str, src, out) -> dict:
     code = VARIANT.format(root=str(ROOT), src=str(src), out=str(out), variant=variant)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    done = run_in_session([sys.executable, "-c", code], timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

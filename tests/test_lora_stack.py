@@ -24,10 +24,12 @@ from tests.test_stages import base_ref, dataset_ref
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 64  # the registered model's default answer length
-# two steps at it move the LoRA SFT model's first-token logits by up to 0.56 (1e-2: 0.04, 3e-2: 0.21); its greedy
-# text is no measure here: the tiny LoRA SFT model answers with a run of dots, which flips to other text or not
-# erratically as the rate varies
+# two steps at it move the LoRA SFT model's first-token logits by 0.08 to 0.56 (0.56 here, 0.078 in a CI run:
+# machines differ); its greedy text is no measure here: the tiny LoRA SFT model answers with a run of dots,
+# which flips to other text or not erratically as the rate varies
 LEARNING_LORA_DPO = 5e-2
+# the zero-rate runs match the SFT model to 1e-4; a trained adapter must move some logit a hundred times that
+MOVED_LOGIT = 1e-2
 
 
 def answers(path: str, prompts: list) -> list[str]:
@@ -135,5 +137,5 @@ def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_c
         # the adapter's update, merged into the SFT weights: only the adapted projections moved
         assert moved and all(name.endswith("_proj.weight") for name in moved), moved
         # and it answers differently: its first answer token's logits moved well beyond the zero-rate tolerance
-        assert (logits_of(dpo_model.local_path, prompts) - sft_logits).abs().max() > 0.1
+        assert (logits_of(dpo_model.local_path, prompts) - sft_logits).abs().max() > MOVED_LOGIT
 

@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import subprocess
 import sys
 import urllib.request
 
@@ -13,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from alignflow.config import load_config
 from flows.pipeline import align
 from tasks.report import prefect_markdown
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, run_in_session
 
 pytestmark = pytest.mark.slow
 SECTIONS = ["## Models", "## Promotion", "## Preference training watch", "## Stage runs", "## Accuracy per task type",
@@ -125,8 +124,8 @@ def test_report_is_a_prefect_artifact_with_plots_served_by_mlflow(two_runs, serv
 
 def test_report_command_rebuilds_the_same_report(two_runs, server, tmp_path):
     run_id = two_runs[1]["parent_run_id"]
-    cli = subprocess.run([sys.executable, "-m", "flows.cli", "report", run_id, "--out", str(tmp_path / "again")],
-                         capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": server})
+    cli = run_in_session([sys.executable, "-m", "flows.cli", "report", run_id, "--out", str(tmp_path / "again")],
+                         timeout=300, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": server})
     assert cli.returncode == 0, cli.stderr
     assert (tmp_path / "again" / "report.md").read_text() == open(two_runs[1]["report"]).read()
     assert (tmp_path / "again" / "dpo_curves.png").stat().st_size > 1000
@@ -134,8 +133,8 @@ def test_report_command_rebuilds_the_same_report(two_runs, server, tmp_path):
 
 def test_compare_against_the_tracking_server(two_runs, server):
     first, second = (r["parent_run_id"] for r in two_runs)
-    cli = subprocess.run([sys.executable, "-m", "flows.cli", "--tracking-uri", server, "compare", first, second],
-                         capture_output=True, text=True)
+    cli = run_in_session([sys.executable, "-m", "flows.cli", "--tracking-uri", server, "compare", first, second],
+                         timeout=300, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     rows = {line.split()[0]: line.split()[1:] for line in cli.stdout.splitlines() if line.strip()}
     assert rows["run"] == [first[:12], second[:12]]
@@ -149,8 +148,9 @@ def test_compare_against_the_tracking_server(two_runs, server):
     decisions = [MlflowClient().get_run(r).data.tags["alignflow.promotion"] for r in (first, second)]
     assert next(line for line in cli.stdout.splitlines() if line.startswith("promotion ")).split() == [
         "promotion", *" ".join(decisions).split()]
-    latest = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--experiment", "compare-me"],
-                            capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": server})
+    latest = run_in_session([sys.executable, "-m", "flows.cli", "compare", "--experiment", "compare-me"],
+                            timeout=300, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": server})
     assert latest.returncode == 0 and latest.stdout.splitlines()[0].split()[1:] == [first[:12], second[:12]]
 
 
@@ -165,12 +165,12 @@ def test_compare_on_the_local_store_and_unknown_experiment(mlflow_store):
         client.log_metric(run.info.run_id, "dpo.accuracy", acc)
         client.set_terminated(run.info.run_id)
         ids.append(run.info.run_id)
-    cli = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--experiment", "local"],
-                         capture_output=True, text=True)
+    cli = run_in_session([sys.executable, "-m", "flows.cli", "compare", "--experiment", "local"],
+                         timeout=300, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     rows = {line.split()[0]: line.split()[1:] for line in cli.stdout.splitlines() if line.strip()}
     assert rows["dpo.trainer.learning_rate"] == ["0.001", "0.002"] and rows["dpo.accuracy"] == ["0.500", "0.750"]
     assert "seed" not in rows
-    missing = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--experiment", "nope"],
-                             capture_output=True, text=True)
+    missing = run_in_session([sys.executable, "-m", "flows.cli", "compare", "--experiment", "nope"],
+                             timeout=300, capture_output=True, text=True)
     assert missing.returncode == 2 and "nope" in missing.stderr

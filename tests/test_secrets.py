@@ -46,10 +46,12 @@ def test_a_credential_in_a_config_url_is_refused_naming_the_key(override):
 
 
 class KeyedServer:
-    """A loopback HTTP server in a thread that answers only requests carrying `Authorization: Bearer <key>`
-    (401 otherwise), counting both; `routes(handler, path)` returns (content type, body) or None (404)."""
+    """A loopback HTTP server in a thread that answers requests under `guarded` paths only when they carry
+    `Authorization: Bearer <key>` (401 otherwise), counting both; other paths are 404 and not counted (the hub
+    client also asks for things this hub does not serve). `routes(handler, path)` returns (content type, body[,
+    headers]) or None (404)."""
 
-    def __init__(self, key: str, routes):
+    def __init__(self, key: str, guarded: tuple[str, ...], routes):
         self.accepted = self.refused = 0
         owner = self
 
@@ -61,6 +63,8 @@ class KeyedServer:
                 path = unquote(urlparse(self.path).path)
                 length = int(self.headers.get("Content-Length") or 0)
                 self.body = self.rfile.read(length) if length else b""
+                if not path.startswith(guarded):
+                    return self._send(404, b"{}", "application/json", head)
                 if self.headers.get("Authorization") != f"Bearer {key}":
                     owner.refused += 1
                     return self._send(401, b'{"error": "invalid api key"}', "application/json", head)
@@ -200,8 +204,9 @@ def test_environment_secrets_are_used_and_reach_no_record(prefect_api, tiny_mode
                                                 FlowRunFilterId, LogFilter, LogFilterFlowRunId)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    hub = KeyedServer(SECRETS["HF_TOKEN"], hub_routes(Path(tiny_model_path)))
-    judge = KeyedServer(SECRETS["OPENAI_API_KEY"], judge_routes)
+    hub = KeyedServer(SECRETS["HF_TOKEN"], (f"/api/models/{REPO}/", f"/{REPO}/resolve/"),
+                      hub_routes(Path(tiny_model_path)))
+    judge = KeyedServer(SECRETS["OPENAI_API_KEY"], ("/v1/",), judge_routes)
     mlflow_server, proc = None, None
     try:
         # each server checks its secret: without it, or with another, a client is refused

@@ -5,7 +5,6 @@ not one vLLM's CPU attention supports). The sample stage writes the same candida
 transformers engine."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from alignflow.config import ConfigError, load_config
 from alignflow.engines.base import Sampling
 from alignflow.engines.vllm import VLLMEngine, VLLMError
-from tests.conftest import ROOT, SMOKE
+from tests.conftest import ROOT, SMOKE, run_in_session
 
 
 def test_the_engine_is_chosen_by_config_and_a_missing_interpreter_is_named():
@@ -36,8 +35,7 @@ def vllm_python() -> str:
     """ALIGNFLOW_VLLM_PYTHON, or the environment infra/vllm-env.sh makes (~1.4 GB, minutes on first use)."""
     if os.environ.get("ALIGNFLOW_VLLM_PYTHON"):
         return os.environ["ALIGNFLOW_VLLM_PYTHON"]
-    done = subprocess.run(["bash", str(ROOT / "infra" / "vllm-env.sh")], capture_output=True, text=True,
-                          timeout=1500)
+    done = run_in_session(["bash", str(ROOT / "infra" / "vllm-env.sh")], timeout=1500, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
