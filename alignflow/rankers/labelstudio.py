@@ -7,7 +7,8 @@ timeout). Each prompt's candidates are then ranked by the pairs they won (alignf
 as the LLM judge ranks them. The client is `label-studio-sdk` (`pip install 'alignflow[labelstudio]'`);
 the server runs from its own environment, since Label Studio pins Django and more:
 
-    bash infra/label-studio.sh            # a venv of its own (once per machine, ~/.cache/alignflow/), then the server on 127.0.0.1:8080
+    bash infra/label-studio.sh    # a venv of its own (once per machine, ~/.cache/alignflow/), then the server
+                                  # on 127.0.0.1:8080
 
 The API key comes from an environment variable (default LABEL_STUDIO_API_KEY) and is never logged.
 """

@@ -8,6 +8,7 @@ stage logs into its own child run; nothing is ever logged into a finished run.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import subprocess
@@ -146,7 +147,6 @@ def ended(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """An active run ended FINISHED, or FAILED by an exception. When the run cannot be marked FAILED (the
     tracking server is away: what a TrackingLost stage is failing for), the exception that failed it is the one
     raised, not the tracking client's; the run stays RUNNING until a later run closes it (close_dead_runs)."""
-    import logging
 
     def active() -> bool:  # not ended meanwhile by the code inside
         top = mlflow.active_run()
