@@ -33,8 +33,13 @@ demo: install
 # a per-test ceiling (setup included: a first build of the vLLM or Label Studio environment takes ~5 min) so
 # one hang cannot eat CI's 90 minutes, and the 25 slowest tests in every log
 PYTEST_CEILING := --timeout=900 --durations=25
+# The full suite on TEST_WORKERS pytest-xdist workers, one test module at a time each, in the order
+# tests/conftest.py gives (heaviest first): much of it waits on servers and subprocesses, and one pytest
+# process keeps about one core busy. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_CEILING) tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_CEILING) $(PYTEST_WORKERS) tests
 
 # the fast tier while working: unit and single-stage tests, no whole flows or servers (-m 'not slow')
 test-fast: install-dev

@@ -15,6 +15,13 @@ import uuid
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: the tests build their models
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# the MLflow servers the tests start run no MLflow jobs (GenAI evaluation, prompt optimisation; alignflow uses
+# none): with job execution on, each `mlflow server` also starts a job runner and seven huey consumers
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# on N pytest-xdist workers (make test), each worker and what it starts gets its share of the cores for torch's
+# threads: N workers at full width oversubscribe the machine
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 from pathlib import Path  # noqa: E402
 
@@ -143,6 +150,23 @@ def run_in_session(cmd: list[str], timeout: float, grace: float = 5, **kwargs) -
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     stop_tree(proc, grace=grace)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def wait_for(what: str, check, proc: subprocess.Popen | None = None, log: Path | None = None,
+             timeout: float = 300, every: float = 0.5):
+    """Poll `check` until it returns something truthy, and return that; fail naming `what` (with the tail of
+    `log`) once `timeout` seconds have passed, or as soon as `proc` has exited without `check` holding."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        tail = f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}{tail}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
+        time.sleep(every)
 
 
 class Server:
@@ -372,3 +396,47 @@ def run_ctx(tmp_path, mlflow_store):
     with mlflow.start_run(run_name="parent") as parent:
         yield RunContext(experiment_id=experiment_id, parent_run_id=parent.info.run_id,
                          output_dir=str(tmp_path / "out"), config_hash="test", seed=0, device="cpu")
+
+
+# --- scheduling the session (make test runs it on pytest-xdist workers, --dist loadfile) ---
+
+# Modules in the order they are handed out, heaviest first (as measured on 2 cores, 2026-12-01), so the workers
+# finish together; the rest follow in their usual order. The two real-model recipes, all computation, are kept
+# apart (each worker starts with two modules: the first and third go to one, the second and fourth to the
+# other); the two that need the vLLM and Label Studio environments come after the first few, as those are built
+# in the background from the session's start (below). A scheduling hint only: a module missing here or renamed
+# just runs later.
+HEAVY_FIRST = ["test_ifeval_recipe.py", "test_team_servers.py", "test_deployments.py", "test_tracking_outage.py",
+               "test_report_compare.py", "test_real_model.py", "test_launch.py", "test_human.py",
+               "test_vllm_engine.py", "test_prefect_restart.py", "test_secrets.py", "test_resume.py",
+               "test_concurrent_runs.py", "test_stage_rerun.py", "test_flow.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept
+
+
+# The environments of their own that some tests need (infra/vllm-env.sh, infra/label-studio.sh: minutes to build
+# on a fresh machine, once per machine) are started building when the session starts, on one worker, so the build
+# overlaps other tests; the fixtures run the same script, which waits on the script's lock and finds it built
+# (or builds it again, reporting its own error, if the background build failed).
+PREBUILDS = {"vllm_python": (["bash", str(ROOT / "infra" / "vllm-env.sh")], "ALIGNFLOW_VLLM_PYTHON"),
+             "label_studio": (["bash", str(ROOT / "infra" / "label-studio.sh"), "--install-only"], None)}
+_prebuilding: list[subprocess.Popen] = []
+
+
+def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or session.config.option.collectonly:
+        return
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    for fixture, (cmd, given) in PREBUILDS.items():
+        if fixture in wanted and not (given and os.environ.get(given)):
+            env = {**os.environ, "LABEL_STUDIO_USERNAME": "prebuild@example.com", "LABEL_STUDIO_PASSWORD": "unused",
+                   "LABEL_STUDIO_API_KEY": "unused"}  # --install-only starts nothing, but the script asks for them
+            _prebuilding.append(start(cmd, Path(os.devnull), ROOT, env))
+
+
+def pytest_sessionfinish(session):
+    for proc in _prebuilding:  # still building only if the tests that needed it never ran
+        stop_tree(proc, grace=10)

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.rankers.human import LabelError, check_labels, read_label_file, scores_from_ranks, write_exports
-from tests.conftest import BIN, QUIET, SMOKE, run_in_session, start, stop_tree
+from tests.conftest import BIN, QUIET, SMOKE, run_in_session, start, stop_tree, wait_for
 
 EXPECTED = {"p0": ["c0", "c1", "c2"], "p1": ["c0", "c1", "c2"]}
 
@@ -56,20 +56,6 @@ def test_the_exported_csv_filled_in_is_a_labels_file(tmp_path):
     with pytest.raises(LabelError, match="row 6: field 'rank': rank 'two' is not a whole number"):
         read_label_file(str(filled), EXPECTED)
     assert scores_from_ranks({"c0": 2, "c1": 1, "c2": 3}, ["c0", "c1", "c2"]) == [0.5, 1.0, 0.0]
-
-
-def _wait(what: str, check, proc: subprocess.Popen, log: Path, timeout: float = 300):
-    """Poll `check` until it returns something truthy; fail (with the run's log) past the timeout or if
-    the run exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
 def _paused_run(experiment: str):
@@ -116,7 +102,7 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
     proc, log = _start(tmp_path, prefect_api, "human", "{type: human, poll_seconds: 1}")
     try:
         with temporary_settings({PREFECT_API_URL: prefect_api}):
-            run_id = _wait("the run to pause for labels", lambda: _paused_run("human"), proc, log)
+            run_id = wait_for("the run to pause for labels", lambda: _paused_run("human"), proc, log)
             status = read_status(run_id)
             expected = status["expected"]
             assert len(expected) == 24 and status["labelled"] == [] and Path(status["candidates_csv"]).is_file()
@@ -137,8 +123,8 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
 
             # a bad batch through Prefect's API: the flow rejects it, names it, and pauses again
             resume_flow_run(run_id, run_input={"labels": [{"prompt_id": "p0", "ranks": {"c9": 1}}]})
-            rejected = _wait("the batch to be rejected", lambda: (read_status(run_id).get("rejected") or "")
-                             if _paused_run("human") == run_id else "", proc, log)
+            rejected = wait_for("the batch to be rejected", lambda: (read_status(run_id).get("rejected") or "")
+                                if _paused_run("human") == run_id else "", proc, log)
             assert "unknown candidate id 'c9'" in rejected
 
             # half the prompts through the API (the last candidate best), the rest as the exported CSV filled in
@@ -146,8 +132,8 @@ def test_a_paused_run_takes_labels_through_prefect_and_the_cli_and_dpo_trains_on
                 return {c: len(cands) - k for k, c in enumerate(cands)}
             first = [{"prompt_id": p, "ranks": ranks(c)} for p, c in list(expected.items())[:12]]
             resume_flow_run(run_id, run_input={"labels": first})
-            _wait("the first batch", lambda: len(read_status(run_id)["labelled"]) == 12
-                  and _paused_run("human") == run_id, proc, log)
+            wait_for("the first batch", lambda: len(read_status(run_id)["labelled"]) == 12
+                     and _paused_run("human") == run_id, proc, log)
             filled = tmp_path / "labels.csv"
             with open(filled, "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -192,12 +178,12 @@ def test_no_labels_in_time_fails_saying_where_everything_is_and_a_rerun_keeps_wh
     proc, log = _start(tmp_path, prefect_api, "human-timeout", ranker)
     try:
         with temporary_settings({PREFECT_API_URL: prefect_api}):
-            run_id = _wait("the run to pause for labels", lambda: _paused_run("human-timeout"), proc, log)
+            run_id = wait_for("the run to pause for labels", lambda: _paused_run("human-timeout"), proc, log)
             expected = read_status(run_id)["expected"]
             resume_flow_run(run_id, run_input={"labels": [{"prompt_id": p, "ranks": {c: k + 1 for k, c in
                                                                                       enumerate(cands)}}
                                                           for p, cands in list(expected.items())[:5]]})
-            _wait("the first labels", lambda: len(read_status(run_id)["labelled"]) == 5, proc, log)
+            wait_for("the first labels", lambda: len(read_status(run_id)["labelled"]) == 5, proc, log)
         rc = proc.wait(timeout=600)  # then nobody labels the rest in time
     finally:
         stop_tree(proc)
@@ -213,7 +199,7 @@ def test_no_labels_in_time_fails_saying_where_everything_is_and_a_rerun_keeps_wh
     proc, log = _start(tmp_path, prefect_api, "human-timeout", ranker)
     try:
         with temporary_settings({PREFECT_API_URL: prefect_api}):
-            run_id = _wait("the rerun to pause for labels", lambda: _paused_run("human-timeout"), proc, log)
+            run_id = wait_for("the rerun to pause for labels", lambda: _paused_run("human-timeout"), proc, log)
             assert len(read_status(run_id)["labelled"]) == 5
     finally:
         stop_tree(proc)

@@ -15,26 +15,16 @@ for its final state. So
 
 import os
 import re
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, SMOKE, free_port, start, start_prefect, stop_tree
+from tests.conftest import BIN, SMOKE, free_port, start, start_prefect, stop_tree, wait_for
 
 pytestmark = pytest.mark.slow
 LONG_SFT = ["sft.trainer.num_train_epochs=20", "sft.checkpoint_steps=25", "dpo.trainer.num_train_epochs=0.2",
             "eval.pass_k=0", "registry.enabled=false"]
 FLOW_ENDED = re.compile(r"Flow run '[^']+' - Finished in state")  # the engine's last word, reported or not
-
-
-def wait_for(condition, proc, log, what: str, timeout: float = 900, every: float = 0.5):
-    """Poll `condition` until it holds; fail if the flow process ends first or `timeout` passes."""
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None or time.time() > deadline:
-            pytest.fail(f"{what}: not seen (flow exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
-        time.sleep(every)
 
 
 def prefect_state(api: str, flow_run_id: str):
@@ -68,8 +58,8 @@ def test_prefect_server_restarted_mid_run_then_the_rerun_uses_the_cache(mlflow_s
     first = second = None
     try:
         first = start(cmd, logs[0], tmp_path, {**env, "PREFECT_CLIENT_MAX_RETRIES": "1"})
-        wait_for(lambda: list((tmp_path / "out").glob("stages/sft-*/trainer/checkpoint-*/alignflow-complete.json"))
-                 and sft_runs(), first, logs[0], "SFT training (a complete checkpoint)")
+        wait_for("SFT training (a complete checkpoint)", lambda: list((tmp_path / "out").glob(
+            "stages/sft-*/trainer/checkpoint-*/alignflow-complete.json")) and sft_runs(), first, logs[0], timeout=900)
         sft_run = sft_runs()[0].info.run_id
         servers[-1].kill()
         servers.append(start_prefect(root, port))  # the same port and database
@@ -80,12 +70,12 @@ def test_prefect_server_restarted_mid_run_then_the_rerun_uses_the_cache(mlflow_s
         flow_run_id = client.get_run(client.get_run(sft_run).data.tags["mlflow.parentRunId"]).data.tags[
             "prefect.flow_run_id"]
         # training carried on, and the restarted server recorded SFT's end
-        wait_for(lambda: prefect_state(api, flow_run_id)[1].get("sft") == "COMPLETED", first, logs[0],
-                 "SFT's completion recorded by the restarted Prefect server")
+        wait_for("SFT's completion recorded by the restarted Prefect server",
+                 lambda: prefect_state(api, flow_run_id)[1].get("sft") == "COMPLETED", first, logs[0], timeout=900)
 
         servers[-1].kill()  # and now away for longer than the flow's client retries
-        wait_for(lambda: FLOW_ENDED.search(logs[0].read_text()), first, logs[0],
-                 "the flow failing to reach the Prefect server", every=0.2)
+        wait_for("the flow failing to reach the Prefect server", lambda: FLOW_ENDED.search(logs[0].read_text()),
+                 first, logs[0], timeout=900, every=0.2)
         servers.append(start_prefect(root, port))  # back for the rerun (the first run's events drain to it)
         first_code = first.wait(timeout=300)
 

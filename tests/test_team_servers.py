@@ -16,14 +16,13 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, QUIET, ROOT, SMOKE, Server, free_port, run_in_session, start, stop_tree
+from tests.conftest import BIN, QUIET, ROOT, SMOKE, Server, free_port, run_in_session, start, stop_tree, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -96,15 +95,6 @@ def postgres_binaries() -> Path:
     pytest.skip("PostgreSQL's server programs (initdb, postgres) are not installed: no PostgreSQL for the test to own")
 
 
-def wait_until(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """Poll `ready` until it holds; fail with the log if the process exits first or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{what} did not start: {log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
 @pytest.fixture
 def postgres(tmp_path):
     """A PostgreSQL server of the test's own on loopback, password (SCRAM) authentication for every connection,
@@ -146,7 +136,7 @@ def postgres(tmp_path):
             except psycopg.OperationalError:
                 return False
         try:
-            wait_until("PostgreSQL", answers, server, log)
+            wait_for("PostgreSQL", answers, server, log, timeout=120)
             passwords = {role: secrets.token_urlsafe(16) for role in ("mlflow", "prefect")}
             names = {"mlflow": "mlflow", "mlflow_auth": "mlflow_auth", "prefect": "prefect"}
             with psycopg.connect(**admin, dbname="postgres", autocommit=True) as conn:
@@ -184,7 +174,7 @@ def redis_server(tmp_path):
         except redis.ConnectionError:
             return False
     try:
-        wait_until("Redis", answers, server, log)
+        wait_for("Redis", answers, server, log, timeout=120)
         assert client.dbsize() == 0
         yield port, client
     finally:

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from alignflow.tracking.log import TRACKING_WAIT, TrackingLost
-from tests.conftest import BIN, SMOKE, free_port, start, start_mlflow, stop_tree
+from tests.conftest import BIN, SMOKE, free_port, start, start_mlflow, stop_tree, wait_for
 
 pytestmark = pytest.mark.slow
 LONG_SFT = ["sft.trainer.num_train_epochs=30", "sft.trainer.logging_steps=2", "sft.checkpoint_steps=0",
@@ -56,17 +56,6 @@ def tracking(tmp_path_factory):
         each.stop()
 
 
-def wait_until(condition, proc, what: str, timeout: float = 300, every: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the flow ended (exit code {proc.returncode}) before {what}")
-        if condition():
-            return
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_tracking_server_killed_mid_training_loses_no_metric(tracking, prefect_api, tmp_path):
     uri = tracking.up()
     log = tmp_path / "flow.log"
@@ -82,10 +71,10 @@ def test_tracking_server_killed_mid_training_loses_no_metric(tracking, prefect_a
             found = experiment and client.search_runs([experiment.experiment_id], "attributes.run_name = 'sft'")
             return bool(found) and "loss" in found[0].data.metrics
 
-        wait_until(sft_logging, proc, "SFT logged its first loss values")
+        wait_for("SFT logged its first loss values", sft_logging, proc, log)
         tracking.kill()  # SIGKILL to the server's whole tree: gone mid-training, nothing shut down cleanly
-        wait_until(lambda: "tracking server unreachable" in log.read_text(), proc,
-                   "the training process found the tracking server away")
+        wait_for("the training process found the tracking server away",
+                 lambda: "tracking server unreachable" in log.read_text(), proc, log)
         tracking.up()  # back, on the same port and store
         code = proc.wait(timeout=900)
         text = log.read_text()
