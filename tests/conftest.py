@@ -156,16 +156,18 @@ def wait_for(what: str, check, proc: subprocess.Popen | None = None, log: Path |
              timeout: float = 300, every: float = 0.5):
     """Poll `check` until it returns something truthy, and return that; fail naming `what` (with the tail of
     `log`) once `timeout` seconds have passed, or as soon as `proc` has exited without `check` holding."""
+    def tail() -> str:
+        return f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+
     deadline = time.monotonic() + timeout
     while True:
         found = check()
         if found:
             return found
-        tail = f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}{tail}")
+            pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}{tail()}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{tail()}")
         time.sleep(every)
 
 
@@ -401,11 +403,11 @@ def run_ctx(tmp_path, mlflow_store):
 # --- scheduling the session (make test runs it on pytest-xdist workers, --dist loadfile) ---
 
 # Modules in the order they are handed out, heaviest first (as measured on 2 cores, 2026-12-01), so the workers
-# finish together; the rest follow in their usual order. The two real-model recipes, all computation, are kept
-# apart (each worker starts with two modules: the first and third go to one, the second and fourth to the
-# other); the two that need the vLLM and Label Studio environments come after the first few, as those are built
-# in the background from the session's start (below). A scheduling hint only: a module missing here or renamed
-# just runs later.
+# finish together; the rest follow in their usual order (a worker takes the next module when two or fewer of
+# its tests are left). The two real-model recipes, all computation, are five modules apart so that they seldom
+# run at once; the two that need the vLLM and Label Studio environments come after the first few, as those are
+# built in the background from the session's start (below). A scheduling hint only: a module missing here or
+# renamed just runs later.
 HEAVY_FIRST = ["test_ifeval_recipe.py", "test_team_servers.py", "test_deployments.py", "test_tracking_outage.py",
                "test_report_compare.py", "test_real_model.py", "test_launch.py", "test_human.py",
                "test_vllm_engine.py", "test_prefect_restart.py", "test_secrets.py", "test_resume.py",
