@@ -286,6 +286,24 @@ class DPOSection(TrainerSection):
         return self.data is None or self.mix
 
 
+class GRPOSection(TrainerSection):
+    """Online RL on the ranker's rewards: TRL's GRPOTrainer from the SFT model on the sampling prompts, beside DPO
+    (`dpo.baselines: [grpo]`), evaluated and compared like it. Each step samples `trainer.num_generations`
+    completions per prompt from the policy and scores them with `rewards` (pointwise ranker components, weighted by
+    TRL's `trainer.reward_weights`); none given: the rank stage's ranker, the reward the DPO pairs were ranked by.
+    `trainer:` keys are TRL's GRPOConfig (loss_type, beta, num_generations, max_completion_length, use_vllm ...)."""
+
+    trl_config = TRAINERS["grpo"].config
+    rewards: list[RankerField] = []
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOSection:
+        weights = self.trainer.get("reward_weights")
+        if weights is not None and self.rewards and len(weights) != len(self.rewards):
+            raise ValueError(f"trainer.reward_weights has {len(weights)} weight(s) for {len(self.rewards)} reward(s)")
+        return self
+
+
 class SampleSection(Section):
     prompts: DataSource
     num_candidates: int = Field(default=4, ge=2)
@@ -325,15 +343,17 @@ class EvalSection(Section):
 
 
 class RegistrySection(Section):
-    """MLflow Model Registry: SFT and DPO models are registered; each new DPO model is `challenger`.
+    """MLflow Model Registry: SFT and DPO models are registered; each new DPO model (or `candidate`) is `challenger`.
     It is refused (never champion, the first one included) when it is worse than its own SFT model or
     degenerate next to it (alignflow.health.promotion_refusals, limits below); otherwise `champion` moves
     to it only if the lower bound of the 95% bootstrap interval of its held-out accuracy minus the
     champion's (same prompts, paired) is above `min_gain`."""
 
     enabled: bool = True
-    sft_model: str | None = None  # registered model names; default <experiment>-sft / <experiment>-dpo
-    dpo_model: str | None = None
+    # the evaluated model that is the challenger: `dpo`, or a baseline the config trains (`grpo`, `rft` ...)
+    candidate: str = "dpo"
+    sft_model: str | None = None  # registered model names; default <experiment>-sft / <experiment>-<candidate>
+    dpo_model: str | None = None  # the challenger's
     min_gain: float = Field(default=0.0, ge=0)
     # refused when the whole 95% paired interval of (accuracy - SFT's) lies below -max_loss_vs_sft (without
     # reference answers: the win rate's interval against SFT below 0.5 - max_loss_vs_sft)
@@ -356,8 +376,17 @@ class PipelineConfig(Section):
     sample: SampleSection
     rank: RankSection = RankSection()
     dpo: DPOSection = DPOSection()
+    grpo: GRPOSection = GRPOSection()
     eval: EvalSection
     registry: RegistrySection = RegistrySection()
+
+    def grpo_runs(self) -> bool:
+        """Whether the GRPO stage trains beside DPO (tasks/grpo.py)."""
+        return "grpo" in self.dpo.baselines
+
+    def grpo_rewards(self) -> list[Ranker]:
+        """The rankers the GRPO stage rewards with: its own `rewards`, else the rank stage's ranker."""
+        return list(self.grpo.rewards) or [self.rank.ranker]
 
     @model_validator(mode="after")
     def _evaluation_has_a_judge(self) -> PipelineConfig:

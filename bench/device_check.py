@@ -1,4 +1,4 @@
-"""alignflow's SFT, sampling and DPO code paths on one CUDA GPU, side by side with plain TRL defaults.
+"""alignflow's SFT, sampling and DPO code paths on one CUDA GPU, side by side with plain TRL defaults; its GRPO step.
 
     bash bench/device_check.sh OUT.json              # on a CUDA machine: <= 8 min on one H100 / H200
     bash bench/device_check.sh --dry-run OUT.json    # here, on CPU: the same code on tiny models
@@ -39,7 +39,7 @@ from alignflow.models.generate import generate
 from alignflow.models.loading import attn_implementation, load_causal_lm, load_tokenizer  # noqa: E402
 from alignflow.training.args import cuda_trainer_defaults, needs_ref_copy, trainer_args
 from alignflow.training.run import active_paths  # noqa: E402
-from alignflow.training.trainers import dpo_trainer, sft_trainer
+from alignflow.training.trainers import dpo_trainer, grpo_trainer, sft_trainer
 
 # dense bf16 peak of the cards this check is meant for (TFLOP/s, SXM, without sparsity)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -58,6 +58,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 SFT_USER = {"per_device_train_batch_size": 8, "learning_rate": 2e-5, "logging_steps": 1, "max_length": 1024}
 DPO_USER = {"per_device_train_batch_size": 8, "learning_rate": 5e-7, "beta": 0.1, "logging_steps": 1,
             "max_length": 1024}
+# the grpo stage: 2 prompts x 4 completions per step, answers of the real-model recipe's length
+GRPO_USER = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 128,
+             "learning_rate": 1e-6, "logging_steps": 1}
 
 
 class StepTimer:
@@ -294,6 +297,42 @@ def mfu(tokens_per_s: float | None, flop_params: int, peak_tflops: float | None)
     return round(6 * flop_params * tokens_per_s / (peak_tflops * 1e12), 4)
 
 
+def shorter_is_better(completions, **_) -> list[float]:
+    """The check's reward: needs no model (random weights never end an answer, so every completion runs to
+    max_completion_length and the work per step is fixed)."""
+    return [-float(len(c[-1]["content"] if isinstance(c, list) else c)) for c in completions]
+
+
+def run_grpo(model_dir: Path, prompts, device: str, steps: int, warmup: int, out: Path) -> dict:
+    """alignflow's grpo stage trainer (alignflow.training.trainers.grpo_trainer): generation by transformers, or
+    by TRL's vLLM colocate mode where vLLM is installed (the GPU image usually lacks it)."""
+    import importlib.util
+
+    from alignflow.training.rewards import REFERENCE_COLUMN
+
+    reset_memory(device)
+    timer = StepTimer(warmup, device)
+    attn = attn_implementation("auto", device)
+    vllm = device == "cuda" and importlib.util.find_spec("vllm") is not None
+    user = {**GRPO_USER, "max_steps": steps}
+    if vllm:
+        user |= {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+    args = trainer_args(user, device, 0, out, 0, "GRPOConfig", attn)
+    model, tokenizer = load_causal_lm(str(model_dir), device, attn=attn), load_tokenizer(str(model_dir))
+    rows = [{"prompt": p, REFERENCE_COLUMN: "null"} for p in prompts]
+    trainer = grpo_trainer(model, tokenizer, rows, args, callbacks=[timer.callback], rewards=[shorter_is_better],
+                           device=device)
+    trainer.train()
+    completions = GRPO_USER["per_device_train_batch_size"] * timer.steps()
+    result = {"steps_timed": timer.steps(), "seconds": round(timer.seconds(), 3),
+              "steps_per_s": round(timer.steps() / timer.seconds(), 3),
+              "completion_tokens_per_s": round(completions * GRPO_USER["max_completion_length"] / timer.seconds(), 1),
+              "generation": "vllm colocate" if vllm else "transformers", "peak_memory_gb": peak_memory_gb(device),
+              "active": active_paths(trainer, trainer.model)}
+    del trainer
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -332,6 +371,7 @@ def main() -> None:
                 entry[f"sample.{path_name}"] = run_sampling(model_dir, prompts, device, new_tokens, ours)
                 entry[f"dpo.{path_name}"] = run_dpo(model_dir, pairs, device, steps, warmup, ours,
                                                     root / f"{arch}-dpo-{path_name}")
+            entry["grpo.alignflow"] = run_grpo(model_dir, prompts, device, steps, warmup, root / f"{arch}-grpo")
             if arch == opts.archs.split(",")[0] and (device == "cpu" or torch.cuda.device_count() > 1):
                 launched = run_launched_sft(model_dir, rows, device, steps, warmup, root / f"{arch}-sft-launched")
                 one = entry["sft.alignflow"]["tokens_per_s"]
@@ -361,6 +401,9 @@ def print_arch(arch: str, entry: dict) -> None:
             print(f"  {stage:6s} {path_name:12s} {unit} {e[unit]}{extra}  peak {e['peak_memory_gb']} GB  "
                   f"{json.dumps(e.get('active', e.get('attn_implementation')))}")
         print(f"  {stage:6s} ratio alignflow / TRL defaults: {entry[f'{stage}.ratio']}")
+    e = entry["grpo.alignflow"]
+    print(f"  grpo   alignflow    steps_per_s {e['steps_per_s']} completion tokens/s {e['completion_tokens_per_s']}  "
+          f"generation {e['generation']}  peak {e['peak_memory_gb']} GB")
     if "sft.launched" in entry:
         e = entry["sft.launched"]
         print(f"  sft    launched on {e['processes']} processes: world size {e.get('world_size')}, "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# alignflow's SFT, sampling and DPO code paths on one CUDA GPU vs plain TRL defaults (bench/device_check.py);
-# on a machine with several GPUs also the SFT path launched on all of them (DDP), against one process.
+# alignflow's SFT, sampling and DPO code paths on one CUDA GPU vs plain TRL defaults, and its GRPO step
+# (bench/device_check.py); on a machine with several GPUs also the SFT path launched on all of them (DDP),
+# against one process.
 #
 #   bash bench/fetch_device_wheels.sh                 # here: the wheels the GPU image lacks -> bench/wheels/
 #   bash bench/device_check.sh OUT.json               # on the GPU machine (carry bench/wheels), <= 8 min

@@ -4,6 +4,7 @@ model and data, `--repeats` times; the results file gives medians and ratios (ne
     python bench/perf.py                       # everything, 3 repeats -> docs/perf.md
     python bench/perf.py --only sft sample     # some comparisons
     python bench/perf.py --repeats 5 --out /tmp/perf.md
+    python bench/perf.py --model smollm2 [--vllm PYTHON]   # SmolLM2-135M, the constraint recipe's settings
 
 Comparisons (CPU, the embedded default's model and data; tokens are real, non-padding tokens):
 - sft:    alignflow's SFT stage settings vs a plain SFTTrainer script with TRL's defaults (plus
@@ -12,6 +13,11 @@ Comparisons (CPU, the embedded default's model and data; tokens are real, non-pa
 - sample: alignflow's batched sampling vs one generate call per sample vs one call per prompt
           (num_return_sequences), same prompts, same number of candidates.
 Model loading and dataset preparation are outside the timed part; training is trainer.train().
+
+`--model smollm2` runs sft, dpo and sample on SmolLM2-135M-Instruct with configs/smollm2-ifeval.yaml's settings
+(LoRA for both trainer variants: the comparison is of trainer settings; no raw loop), its section of docs/perf.md
+between markers; with `--vllm PYTHON` (an interpreter of infra/vllm-env.sh) sampling also through the vllm engine,
+its worker's start and model load included, as the sample stage pays them.
 """
 
 from __future__ import annotations
@@ -45,9 +51,14 @@ from alignflow.models.loading import load_causal_lm, load_tokenizer
 from alignflow.training.args import trainer_args
 
 SFT_ROWS, DPO_PAIRS, SAMPLE_PROMPTS = 960, 320, 64
+SMOL_SFT_ROWS, SMOL_DPO_PAIRS, SMOL_PROMPTS = 64, 32, 16  # SmolLM2: 8 SFT and 4 DPO steps, 64 candidates per repeat
+SMOL_BEGIN, SMOL_END = "<!-- perf:smollm2:begin -->", "<!-- perf:smollm2:end -->"
 
 
 class Setup:
+    lora = None  # the trainers' PEFT config (SmolSetup's: the recipe's LoRA)
+    vllm = None  # an interpreter with vllm: sampling through the vllm engine too
+
     def __init__(self, config_path: Path):
         self.config = load_config(config_path)
         spec = self.config.embedded
@@ -94,6 +105,30 @@ class Setup:
         return self._policy
 
 
+class SmolSetup(Setup):
+    """SmolLM2-135M-Instruct with configs/smollm2-ifeval.yaml's settings and data: its SFT rows, its sampling
+    prompts, pairs of an SFT answer against another row's (the timing does not depend on which is better)."""
+
+    def __init__(self, vllm: str | None = None):
+        from alignflow.training.args import lora_config
+
+        self.config = load_config(ROOT / "configs" / "smollm2-ifeval.yaml")
+        spec = self.config.embedded
+        self.model_path = embedded.resolve(spec, "embedded:smollm2-135m", "model")
+        self.tokenizer = load_tokenizer(self.model_path)
+        sft = load_rows(embedded.data_path(spec, "embedded:ifeval-sft"))
+        self.sft_rows = sft[:SMOL_SFT_ROWS]
+        self.prompts = [r["prompt"] for r in load_rows(embedded.data_path(spec, "embedded:ifeval-prompts"))
+                        [:SMOL_PROMPTS]]
+        self.pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": sft[-1 - i]["completion"]}
+                      for i, r in enumerate(sft[SMOL_SFT_ROWS:SMOL_SFT_ROWS + SMOL_DPO_PAIRS])]
+        self.lora = lora_config(self.config.sft.lora)
+        self.vllm = vllm
+
+    def policy(self) -> str:
+        return self.model_path  # instruction-tuned already: its answers end
+
+
 def timed(fn) -> float:
     gc.collect()
     start = time.perf_counter()
@@ -117,13 +152,14 @@ def sft_variants(s: Setup) -> dict:
     def alignflow(tmp):
         args = trainer_args({**cfg.trainer, "num_train_epochs": 1}, "cpu", 0, Path(tmp), cfg.checkpoint_steps)
         trainer = SFTTrainer(model=s.model(), args=SFTConfig(**args), train_dataset=data, processing_class=s.tokenizer,
-                             callbacks=[CheckpointMarker()])
+                             callbacks=[CheckpointMarker()], peft_config=s.lora)
         return lambda: trainer.train()
 
     def trl_defaults(tmp):
         args = SFTConfig(output_dir=tmp, use_cpu=True, per_device_train_batch_size=batch, learning_rate=lr,
                          num_train_epochs=1, seed=0)
-        trainer = SFTTrainer(model=s.model(), args=args, train_dataset=data, processing_class=s.tokenizer)
+        trainer = SFTTrainer(model=s.model(), args=args, train_dataset=data, processing_class=s.tokenizer,
+                             peft_config=s.lora)
         return lambda: trainer.train()
 
     def raw_loop(tmp):
@@ -155,8 +191,10 @@ def sft_variants(s: Setup) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         return run
 
-    return {"tokens": tokens, "variants": {"alignflow": alignflow, "trl_defaults": trl_defaults,
-                                            "raw_pytorch": raw_loop}}
+    variants = {"alignflow": alignflow, "trl_defaults": trl_defaults, "raw_pytorch": raw_loop}
+    if s.lora is not None:  # the raw loop trains every weight
+        del variants["raw_pytorch"]
+    return {"tokens": tokens, "variants": variants}
 
 
 # ---------------------------------------------------------------- DPO
@@ -176,14 +214,16 @@ def dpo_variants(s: Setup) -> dict:
     def alignflow(tmp):
         args = trainer_args({**cfg.trainer, "num_train_epochs": 1}, "cpu", 0, Path(tmp), cfg.checkpoint_steps)
         own_ref = args.get("precompute_ref_log_probs")
-        trainer = DPOTrainer(model=s.model(), ref_model=None if own_ref else s.model(), args=DPOConfig(**args),
-                             train_dataset=data, processing_class=s.tokenizer, callbacks=[CheckpointMarker()])
+        ref = None if own_ref or s.lora is not None else s.model()  # with LoRA: the adapter disabled
+        trainer = DPOTrainer(model=s.model(), ref_model=ref, args=DPOConfig(**args), train_dataset=data,
+                             processing_class=s.tokenizer, callbacks=[CheckpointMarker()], peft_config=s.lora)
         return lambda: trainer.train()
 
     def trl_defaults(tmp):
         args = DPOConfig(output_dir=tmp, use_cpu=True, per_device_train_batch_size=batch, learning_rate=lr,
                          num_train_epochs=1, seed=0)
-        trainer = DPOTrainer(model=s.model(), args=args, train_dataset=data, processing_class=s.tokenizer)
+        trainer = DPOTrainer(model=s.model(), args=args, train_dataset=data, processing_class=s.tokenizer,
+                             peft_config=s.lora)
         return lambda: trainer.train()
 
     return {"tokens": tokens, "variants": {"alignflow": alignflow, "trl_defaults": trl_defaults}}
@@ -230,9 +270,21 @@ def sample_variants(s: Setup) -> dict:
         return make
 
     per_sample, per_prompt = baseline("per_sample", n, 1), baseline("per_prompt", 1, n)
+    variants = {"alignflow": alignflow, "per_sample": per_sample, "per_prompt": per_prompt}
+    if s.vllm:
+        def vllm(tmp):
+            from alignflow.components import ENGINES
+            from alignflow.engines.base import Sampling
 
-    return {"tokens": counted, "variants": {"alignflow": alignflow, "per_sample": per_sample,
-                                            "per_prompt": per_prompt}}
+            engine = ENGINES.validate({"type": "vllm", "python": s.vllm, "gpu_memory_utilization": 0.2})
+
+            def run():  # one worker per call, as the sample stage runs it: start and model load included
+                out = engine.open(s.policy(), "cpu").generate(s.prompts, n=n, sampling=Sampling(cfg.temperature),
+                                                              batch_size=cfg.batch_size, seed=0, **kw)
+                counted["vllm"] = sum(c["tokens"] for cands in out for c in cands)
+            return run
+        variants["vllm"] = vllm
+    return {"tokens": counted, "variants": variants}
 
 
 # ---------------------------------------------------------------- the whole flow
@@ -339,6 +391,11 @@ def run_comparison(name: str, spec: dict, repeats: int) -> dict:
         t / s for t, s in zip(tokens[v], times[v])), "tokens": statistics.median(tokens[v])} for v in times}
 
 
+SMOL_GOALS = {  # issue 27's, on SmolLM2
+    "sample": [("alignflow", "per_prompt", 2.0)],
+    "sft": [("alignflow", "trl_defaults", 1.0)],
+    "dpo": [("alignflow", "trl_defaults", 1.0)],
+}
 GOALS = {  # (comparison, numerator, denominator, goal)
     "sft": [("alignflow", "trl_defaults", 1.3), ("alignflow", "raw_pytorch", 0.6)],
     "dpo": [("alignflow", "trl_defaults", 1.2)],
@@ -346,8 +403,10 @@ GOALS = {  # (comparison, numerator, denominator, goal)
 }
 
 
-def write_results(results: dict, out: Path, repeats: int, command: str, wall: float) -> None:
-    lines = ["# Performance benchmarks (bench/perf.py)", "",
+def write_results(results: dict, out: Path, repeats: int, command: str, wall: float, model: str = "tiny") -> None:
+    title = "# Performance benchmarks (bench/perf.py)" if model == "tiny" else \
+        "## SmolLM2-135M-Instruct (`--model smollm2`: configs/smollm2-ifeval.yaml's settings)"
+    lines = [title, "",
              f"- command: `{command}`",
              f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), "
              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
@@ -356,8 +415,9 @@ def write_results(results: dict, out: Path, repeats: int, command: str, wall: fl
                                                                        "mlflow")),
              f"- {repeats} repeats per variant, interleaved in one process; medians; tokens are real (non-padding) "
              f"tokens; wall time {wall / 60:.1f} min", ""]
-    lines += ["## Goals", "", "| comparison | ratio | goal | met |", "|---|---|---|---|"]
-    for name, goals in GOALS.items():
+    lines += ["## Goals" if model == "tiny" else "### Goals", "", "| comparison | ratio | goal | met |",
+              "|---|---|---|---|"]
+    for name, goals in (GOALS if model == "tiny" else SMOL_GOALS).items():
         if name not in results:
             continue
         for a, b, goal in goals:
@@ -381,8 +441,20 @@ def write_results(results: dict, out: Path, repeats: int, command: str, wall: fl
                       f"| peak RSS, plain-function flow | {f['direct_rss']:.2f} GB |"]
             lines += [f"| peak RSS, `alignflow stage {k}` alone | {v:.2f} GB |" for k, v in stages.items()]
             continue
-        lines += ["", f"## {name}", "", "| variant | median s | real tokens | tokens/s |", "|---|---|---|---|"]
+        heading = "##" if model == "tiny" else "###"
+        lines += ["", f"{heading} {name}", "", "| variant | median s | real tokens | tokens/s |", "|---|---|---|---|"]
         lines += [f"| {v} | {m['seconds']:.2f} | {m['tokens']:,.0f} | {m['tok_s']:,.0f} |" for v, m in variants.items()]
+    if model != "tiny":  # its own section of the file, between markers, before the reading
+        text = out.read_text() if out.exists() else "# Performance benchmarks (bench/perf.py)\n"
+        block = "\n".join([SMOL_BEGIN, *lines, SMOL_END])
+        if SMOL_BEGIN in text:
+            text = text.split(SMOL_BEGIN)[0] + block + text.split(SMOL_END, 1)[1]
+        elif "\n## Reading" in text:
+            text = text.replace("\n## Reading", "\n" + block + "\n\n## Reading", 1)
+        else:
+            text += "\n" + block + "\n"
+        out.write_text(text)
+        return
     kept = ""  # the hand-written reading below the tables survives a rerun
     if out.exists() and "\n## Reading" in out.read_text():
         kept = "\n## Reading" + out.read_text().split("\n## Reading", 1)[1]
@@ -401,17 +473,23 @@ def main() -> None:
     parser.add_argument("--direct", nargs=2, metavar=("CONFIG", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "perf.md"))
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="tiny: the embedded default's model; smollm2: SmolLM2-135M with the constraint recipe")
+    parser.add_argument("--vllm", default=None, metavar="PYTHON", help="with --model smollm2: sample through vLLM too")
     args = parser.parse_args()
     if args.direct:
         return direct(*args.direct)
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.time()
-    setup = Setup(Path(args.config)) if set(args.only) - {"flow"} else None
+    if args.model == "smollm2":
+        args.only = [name for name in args.only if name != "flow"]  # the whole flow: the recipe's own wall time
+    setup = (SmolSetup(args.vllm) if args.model == "smollm2" else Setup(Path(args.config))) \
+        if set(args.only) - {"flow"} else None
     results = {name: run_comparison(name, MAKERS[name](setup), args.repeats) for name in args.only if name != "flow"}
     if "flow" in args.only:
         results["flow"] = flow_comparison(args.config, args.flow_repeats)
     write_results(results, Path(args.out), args.repeats, "python bench/perf.py " + " ".join(sys.argv[1:]),
-                  time.time() - start)
+                  time.time() - start, args.model)
     print(Path(args.out).read_text())
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 BEGIN, END = "<!-- quality-ifeval:begin -->", "<!-- quality-ifeval:end -->"
-MODELS = ["base", "sft", "dpo", "rft"]
+MODELS = ["base", "sft", "dpo", "rft", "grpo"]  # those a run evaluated, in this order
 
 
 def f3(x: float) -> str:
@@ -70,8 +70,15 @@ def goal_lines(rows: list[dict]) -> list[str]:
         ("the promotion rules pass the DPO model (every seed)", all(r["promotion"][0] for r in rows),
          ", ".join(r["promotion"][1] for r in rows)),
     ]
-    return ["| goal | met | value |", "|---|---|---|"] + [f"| {g} | {'yes' if ok else '**no**'} | {v} |"
-                                                          for g, ok, v in checks]
+    lines = ["| goal | met | value |", "|---|---|---|"] + [f"| {g} | {'yes' if ok else '**no**'} | {v} |"
+                                                           for g, ok, v in checks]
+    if "grpo.accuracy" in rows[0]:  # online RL on the same reward beside them (issue 27): no goal, the comparison
+        lines += ["", "| comparison (seeds pooled) | seen | held-out types |", "|---|---|---|"]
+        for first, second in (("grpo", "sft"), ("grpo", "dpo"), ("grpo", "rft")):
+            cells = [pooled_delta(rows, task, first, second) for task in ("seen", "held_out")]
+            lines.append(f"| {first.upper()} − {second.upper()} | " + " | ".join(
+                f"{c[0]:+.3f} [{f3(c[1])}, {f3(c[2])}]" for c in cells) + " |")
+    return lines
 
 
 def section(rows: list[dict], command: str, machine: str, wall: float) -> list[str]:

@@ -86,6 +86,8 @@ def preference_rounds(config: PipelineConfig, variant: str, outputs: dict, ctx: 
     """`dpo.rounds` rounds of sample -> rank -> train from the latest policy (round 1 trains on the
     SFT model's pairs, shared by every variant). Returns {label: model}: the final policy under the
     variant's name, earlier rounds as `<variant>_r<i>` (tasks.stages.round_label)."""
+    if "pairs" not in stages.get(variant).inputs:  # online (grpo): it samples from its own policy as it trains
+        return {variant: run_stage(variant, config, ctx, outputs)}
     rounds, policy, models = config.dpo.rounds, outputs["sft"], {}
     pairs = stages.output_value(outputs, stages.get(variant).inputs["pairs"])
     for r in range(1, rounds + 1):

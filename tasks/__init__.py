@@ -149,6 +149,8 @@ def fit_rows(job, overlength: str, tokenizer):
     from alignflow.tracking import log_metrics, log_params
     from alignflow.training.trainers import fit_to_length
 
+    if not TRAINERS[job.trainer].answers:  # an online trainer (GRPO): it samples its answers as it trains
+        return job
     trl_config = getattr(trl, TRAINERS[job.trainer].config)
     # a trainer without these fields (KTOConfig has no truncation_mode) truncates as TRL's default, keep_end
     max_length = job.args.get("max_length", getattr(trl_config, "max_length", None))

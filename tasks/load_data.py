@@ -31,12 +31,14 @@ from tasks.stages import Stage, register
 def sources(config: PipelineConfig) -> dict:
     """name -> (data source, how its rows are checked: write_converted's require_reference,
     constraints_suffice, require_constraints); `preference`: dpo.data's pairs (the checks unused); sampling
-    prompts only when the pairs are sampled."""
+    prompts only when the pairs are sampled or GRPO trains on them."""
     found = {"sft": (config.sft.data, {"require_reference": True})}
     ranker = config.rank.ranker
-    if config.dpo.on_policy():  # e.g. the verifier needs reference answers, the constraints ranker constraints
-        found["prompts"] = (config.sample.prompts, {"require_reference": ranker.needs_reference,
-                                                    "require_constraints": ranker.needs_constraints})
+    # who scores answers to the prompts: the ranker of the sampled pairs, GRPO's rewards
+    scorers = ([ranker] if config.dpo.on_policy() else []) + (config.grpo_rewards() if config.grpo_runs() else [])
+    if scorers:  # e.g. the verifier needs reference answers, the constraints ranker constraints
+        found["prompts"] = (config.sample.prompts, {"require_reference": any(r.needs_reference for r in scorers),
+                                                    "require_constraints": any(r.needs_constraints for r in scorers)})
     if config.dpo.data is not None:
         found["preference"] = (config.dpo.data, {})
     # held-out prompts may lack reference answers when a ranker that needs none judges the models; verifiable

@@ -2,14 +2,14 @@
 
     alignflow stage promote --from-run RUN_ID      # decide again on a run's (or a rerun's) evaluation
 
-The new DPO model takes the alias `challenger`. It is **refused** when, on the evaluation's held-out
-prompts, it is worse than its own SFT model or degenerate next to it (alignflow.health.promotion_refusals:
-accuracy or win-rate interval, EOS rate, repetition rate, answer length, against `registry.*` limits); a
-refused model is registered but never champion, the first of a registered name included. Otherwise
-`champion` moves to it only if the lower bound of the 95% paired-bootstrap interval of (challenger
-accuracy - champion accuracy) is above `registry.min_gain`; the champion is evaluated here on the same
-prompts, so a changed eval set cannot favour either. The first unrefused DPO model of a name becomes
-champion. The decision, its reasons and numbers go to this stage's run, the parent run (`promotion.*`
+The new DPO model (or `registry.candidate`, a baseline such as `grpo`) takes the alias `challenger`. It is
+**refused** when, on the evaluation's held-out prompts, it is worse than its own SFT model or degenerate next
+to it (alignflow.health.promotion_refusals: accuracy or win-rate interval, EOS rate, repetition rate, answer
+length, against `registry.*` limits); a refused model is registered but never champion, the first of a
+registered name included. Otherwise `champion` moves to it only if the lower bound of the 95% paired-bootstrap
+interval of (challenger accuracy - champion accuracy) is above `registry.min_gain`; the champion is evaluated
+here on the same prompts, so a changed eval set cannot favour either. The first unrefused DPO model of a name
+becomes champion. The decision, its reasons and numbers go to this stage's run, the parent run (`promotion.*`
 metrics, `alignflow.promotion` and `alignflow.promotion_reason` tags), the challenger's model-version tags
 and the run report.
 """
@@ -30,23 +30,36 @@ from alignflow.tracking import RunContext, flatten, log_dataset, log_metrics, st
 from alignflow.tracking.model_registry import alias_version, register_model, version_model_dir
 from tasks import stage_logger
 from tasks.answers import answer
-from tasks.stages import Stage
-from tasks.stages import register
+from tasks.stages import MODELS, Stage, register
 
 
 def registry_names(cfg: RegistrySection, experiment: str) -> tuple[str, str]:
-    return cfg.sft_model or f"{experiment}-sft", cfg.dpo_model or f"{experiment}-dpo"
+    return cfg.sft_model or f"{experiment}-sft", cfg.dpo_model or f"{experiment}-{cfg.candidate}"
+
+
+def check(config, device: str, out_dir) -> None:
+    """The candidate is a model this config trains and evaluates (dpo, or a baseline it runs)."""
+    from tasks import stages
+
+    trained = ["dpo"] + [name for name in stages.baselines("dpo") if stages.get(name).runs(config)]
+    labels = [stages.get(name).evaluated_as for name in trained]
+    if config.registry.candidate not in labels:
+        raise ValueError(f"registry.candidate: {config.registry.candidate!r} is not a model this config trains; "
+                         f"choose from {labels} (a baseline runs when dpo.baselines lists it)")
 
 
 @task(name="promote", cache_policy=NONE)
-def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_model: ModelRef, data: DatasetRef,
+def promote(cfg: RegistrySection, experiment: str, models: dict[str, ModelRef], data: DatasetRef,
             eval_cfg: EvalSection, evaluation: dict, ctx: RunContext) -> dict:
-    """`evaluation`: the evaluate stage's results, whose metrics of `dpo` and `sft` decide whether the challenger
-    is refused, and whose per-prompt correctness of `dpo` is compared with the champion's."""
+    """`models`: every evaluated model by label (the challenger is `cfg.candidate`'s, dpo by default);
+    `evaluation`: the evaluate stage's results, whose metrics of the candidate and `sft` decide whether the
+    challenger is refused, and whose per-prompt correctness of the candidate is compared with the champion's."""
     from mlflow.tracking import MlflowClient
 
-    challenger_correct = evaluation.get("correct", {}).get("dpo")  # absent: the eval prompts have no references
-    refusals = promotion_refusals(evaluation["metrics"]["dpo"], evaluation["metrics"].get("sft"), cfg)
+    sft_model, dpo_model = models["sft"], models[cfg.candidate]
+    # absent: the eval prompts have no references
+    challenger_correct = evaluation.get("correct", {}).get(cfg.candidate)
+    refusals = promotion_refusals(evaluation["metrics"][cfg.candidate], evaluation["metrics"].get("sft"), cfg)
     logger = stage_logger()
     sft_name, dpo_name = registry_names(cfg, experiment)
     client = MlflowClient()
@@ -57,7 +70,7 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
         challenger = register_model(dpo_model, dpo_name, ctx.parent_run_id)
         champion = alias_version(dpo_name, "champion")
         client.set_registered_model_alias(dpo_name, "challenger", challenger.version)
-        decision = {"model": dpo_name, "challenger_version": int(challenger.version),
+        decision = {"model": dpo_name, "candidate": cfg.candidate, "challenger_version": int(challenger.version),
                     "sft_model": sft_name, "sft_version": int(sft_version.version)}
         if refusals:
             promoted = False
@@ -114,8 +127,8 @@ def promote(cfg: RegistrySection, experiment: str, sft_model: ModelRef, dpo_mode
 
 register(Stage(name="promote", task=promote,
                      config={"cfg": "registry", "experiment": "experiment", "eval_cfg": "eval"},
-                     inputs={"sft_model": "sft", "dpo_model": "dpo", "data": "load_data.eval",
-                             "evaluation": "evaluate"},
+                     inputs={"models": MODELS, "data": "load_data.eval", "evaluation": "evaluate"},
+                     check=check,
                      cache=False,  # the registry's state changes between runs
                      enabled=lambda config: config.registry.enabled,
                      describe="register SFT and DPO models; refuse a DPO model worse than its SFT model or "

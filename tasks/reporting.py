@@ -184,8 +184,14 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
         curves.append("![SFT loss](sft_loss.png)")
     from tasks import stages
 
-    preference = {name for name, stage in stages.stages().items() if stage.trains and name != "sft"}
-    trained = [s for s in rec.stages if s.split(".")[0] in preference]
+    registry = stages.stages()
+
+    def trains_on(run_name: str, data: str) -> bool:
+        """Whether a child run is of a training stage that takes the input `data` (pairs: offline; prompts: online)."""
+        stage = registry.get(run_name.split(".")[0])
+        return stage is not None and stage.trains and data in stage.inputs
+
+    trained = [s for s in rec.stages if trains_on(s, "pairs")]
     # rewards/chosen and /rejected: beta x the log-prob shift from the reference that the training watch reads
     if trained and _plot_curves(rec, trained, [("rewards/margins", "reward margin"),
                                                ("rewards/chosen", "chosen reward (β × log-prob shift)"),
@@ -193,6 +199,15 @@ def build_report(parent_run_id: str, out_dir: str | Path, client: MlflowClient |
                                                ("rewards/accuracies", "reward accuracy"), ("loss", "train loss")],
                                 out / "dpo_curves.png"):
         curves.append("![preference training](dpo_curves.png)")
+    # online RL: what GRPO's users watch, per step (TRL's own metrics); a group whose completions all score the same
+    # gives no learning signal
+    online = [s for s in rec.stages if trains_on(s, "prompts")]
+    if online and _plot_curves(rec, online, [("reward", "mean reward"), ("reward_std", "reward spread (std)"),
+                                             ("frac_reward_zero_std", "groups with no reward spread"),
+                                             ("completions/mean_length", "completion length (tokens)"),
+                                             ("completions/clipped_ratio", "truncated share"), ("kl", "KL")],
+                               out / "grpo_curves.png"):
+        curves.append("![online RL](grpo_curves.png)")
     if curves:
         sections += ["## Training curves", *curves]
 

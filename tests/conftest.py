@@ -409,7 +409,7 @@ def run_ctx(tmp_path, mlflow_store):
 # built in the background from the session's start (below). A scheduling hint only: a module missing here or
 # renamed just runs later.
 HEAVY_FIRST = ["test_ifeval_recipe.py", "test_team_servers.py", "test_deployments.py", "test_tracking_outage.py",
-               "test_report_compare.py", "test_real_model.py", "test_launch.py", "test_human.py",
+               "test_report_compare.py", "test_real_model.py", "test_launch.py", "test_grpo.py", "test_human.py",
                "test_vllm_engine.py", "test_prefect_restart.py", "test_secrets.py", "test_resume.py",
                "test_concurrent_runs.py", "test_stage_rerun.py", "test_flow.py"]
 

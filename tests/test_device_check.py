@@ -1,4 +1,4 @@
-"""bench/device_check.sh, the GPU check, in its CPU dry run: the same SFT, sampling and DPO code paths on
+"""bench/device_check.sh, the GPU check, in its CPU dry run: the same SFT, sampling, DPO and GRPO code paths on
 tiny models, without Prefect, MLflow or pydantic (the GPU image has none of them)."""
 
 import json
@@ -27,6 +27,8 @@ def test_dry_run_measures_every_path_and_writes_its_figures(tmp_path):
                 entry[f"sft.{path}"]["active"])
         assert entry["sft.trl_defaults"]["active"]["gradient_checkpointing"]  # TRL's default, kept there
         assert not entry["sft.alignflow"]["active"]["gradient_checkpointing"]  # alignflow's CPU default
+        grpo = entry["grpo.alignflow"]  # the grpo stage's trainer, generating with transformers here
+        assert grpo["steps_per_s"] > 0 and grpo["generation"] == "transformers", arch
     launched = figures["archs"]["llama"]["sft.launched"]  # the multi-GPU launch, as 2 CPU ranks
     assert "error" not in launched, launched.get("error")
     assert (launched["world_size"], launched["distributed_type"]) == (2, "MULTI_CPU")

@@ -117,8 +117,8 @@ def test_zero_lr_dpo_answers_like_sft_and_so_does_the_champion(sft_lora, smoke_c
         # the tiny SFT model answers by repeating itself, so the absolute repetition limit would refuse its
         # challenger; this test is about what the champion holds, not whether it deserves to be one
         limits = RegistrySection(dpo_model=registered, sft_model=f"{registered}-sft", max_repetition_rate=1.0)
-        decision = promote.fn(limits, "stack",
-                              sft_model, dpo_model, dataset_ref(smoke_data["eval"], tmp_path / "eval.jsonl"),
+        decision = promote.fn(limits, "stack", {"sft": sft_model, "dpo": dpo_model},
+                              dataset_ref(smoke_data["eval"], tmp_path / "eval.jsonl"),
                               smoke_config.eval, evaluation(sft_answers, dpo_answers, len(smoke_data["eval"])),
                               run_ctx)
         assert decision["decision"] == "first champion", decision.get("reasons")

@@ -74,8 +74,8 @@ class LaunchError(RuntimeError):
 class TrainJob:
     """Everything a training process needs, as plain JSON (it crosses into launched processes)."""
 
-    stage: str            # the stage's name: sft, dpo, dpo_no_sft, rft
-    trainer: str          # a row of alignflow.training.trainers.TRAINERS: sft | rft | dpo
+    stage: str            # the stage's name: sft, dpo, dpo_no_sft, rft, grpo
+    trainer: str          # a row of alignflow.training.trainers.TRAINERS: sft | rft | dpo | grpo
     rows: str             # JSONL file of the training rows
     model: str            # local directory of the model to train
     device: str
@@ -87,6 +87,7 @@ class TrainJob:
     lora: dict[str, Any] | None = None  # alignflow.config.LoraSection's fields when LoRA is on
     ref_copy: bool = False              # DPO: a second copy of the policy as the reference
     merge_adapter: bool = False         # save a LoRA adapter merged into the model it was trained on
+    options: dict[str, Any] | None = None  # the trainer's own build arguments (GRPO: its rewards), as JSON
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -133,7 +134,8 @@ def build_trainer(job: TrainJob, tokenizer, callbacks: list):
     load = lambda: load_causal_lm(job.model, job.device, attn=job.attn,  # noqa: E731
                                   trust_remote_code=job.trust_remote_code)
     ref_model = load() if job.ref_copy else None
-    return TRAINERS[job.trainer].build(load(), tokenizer, rows, job.args, peft, ref_model, callbacks)
+    return TRAINERS[job.trainer].build(load(), tokenizer, rows, job.args, peft, ref_model, callbacks,
+                                       **(job.options or {}))
 
 
 def train(job: TrainJob, log: logging.Logger | logging.LoggerAdapter = _log) -> dict[str, Any]:

@@ -53,15 +53,32 @@ def dpo_trainer(model, tokenizer, pairs: list[dict], args: dict[str, Any], peft_
                       peft_config=peft_config, callbacks=list(callbacks))
 
 
+def grpo_trainer(model, tokenizer, rows: list[dict], args: dict[str, Any], peft_config=None, ref_model=None,
+                 callbacks=(), rewards=(), device: str = "cpu"):
+    """TRL's GRPOTrainer on conversational prompts: it samples `num_generations` completions per prompt from the
+    policy as it trains and scores them with `rewards` (ranker configs; alignflow.training.rewards), weighted
+    by `reward_weights`. The reference for its KL term (`beta` > 0) is the starting policy, as in DPO."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignflow.training.rewards import REFERENCE_COLUMN, reward_functions
+
+    return GRPOTrainer(model=model, reward_funcs=reward_functions(list(rewards), device), args=GRPOConfig(**args),
+                       train_dataset=_dataset(rows, ("prompt", REFERENCE_COLUMN)), processing_class=tokenizer,
+                       peft_config=peft_config, callbacks=list(callbacks))
+
+
 @dataclass(frozen=True)
 class Trainer:
     """One TRL trainer as alignflow runs it."""
 
     config: str  # the TRL config class (`trl.<config>`) that a stage's `trainer` keys feed
-    # build(model, tokenizer, rows, args, peft_config, ref_model, callbacks) -> a TRL trainer; `ref_model` is a
-    # second copy of the policy when the stage asks for one (TrainJob.ref_copy), else None
+    # build(model, tokenizer, rows, args, peft_config, ref_model, callbacks, **options) -> a TRL trainer; `ref_model`
+    # is a second copy of the policy when the stage asks for one (TrainJob.ref_copy), else None; `options` are the
+    # stage's TrainJob.options (GRPO's rewards)
     build: Callable[..., Any]
-    answers: tuple[str, ...]  # the row keys holding what it learns (fitted to max_length with the prompt)
+    # the row keys holding what it learns (fitted to max_length with the prompt); none for an online trainer (GRPO),
+    # which learns from what it samples
+    answers: tuple[str, ...]
     preference: bool = False  # trained on preference pairs: the preference watch reads its run (tasks.watch_preference)
 
 
@@ -69,6 +86,7 @@ TRAINERS: dict[str, Trainer] = {
     "sft": Trainer("SFTConfig", sft_trainer, ("completion",)),
     "rft": Trainer("SFTConfig", rft_trainer, ("chosen",), preference=True),
     "dpo": Trainer("DPOConfig", dpo_trainer, ("chosen", "rejected"), preference=True),
+    "grpo": Trainer("GRPOConfig", grpo_trainer, ()),  # online: it learns from the completions it samples
 }
 
 
