@@ -16,7 +16,9 @@ cd "$(dirname "$0")/.."
 DRY=""
 if [ "${1:-}" = "--dry-run" ]; then DRY="--dry-run"; shift; fi
 OUT=${1:?usage: bash bench/device_check.sh [--dry-run] OUT.json}
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DO_NOT_TRACK=true
+# DISABLE_MLFLOW_INTEGRATION: TRL's GRPO profiling imports mlflow (and so pydantic) wherever it is installed; the
+# GPU image has neither, so the dry run here must not either
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DO_NOT_TRACK=true DISABLE_MLFLOW_INTEGRATION=TRUE
 
 if [ -n "$DRY" ]; then  # the project's venv; the script fails if prefect, mlflow or pydantic got imported
     PYTHONPATH="$PWD" ${PYTHON:-.venv/bin/python} bench/device_check.py --dry-run --out "$OUT"

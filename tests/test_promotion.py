@@ -20,6 +20,11 @@ pytestmark = pytest.mark.slow
 HEALTHY = {"eos_rate": 1.0, "mean_tokens": 4.0, "repetition_rate": 0.0}
 
 
+def models(sft, challenger) -> dict:
+    """The promote stage's `models` input: every evaluated model by label (the challenger is dpo's)."""
+    return {"sft": sft, "dpo": challenger}
+
+
 def evaluated(correct: list[float], dpo: dict | None = None) -> dict:
     """An evaluation's results as promote reads them: the challenger's per-prompt correctness, and the
     metrics of the challenger and its SFT model (healthy unless given)."""
@@ -50,19 +55,22 @@ def test_champion_moves_only_when_the_interval_clears_the_champion(smoke_config,
     cfg, n = RegistrySection(), len(eval_rows)
     client = MlflowClient()
 
-    first = promote.fn(cfg, "reg", sft_model, variants[0], data, smoke_config.eval, evaluated([0.0] * n), run_ctx)
+    first = promote.fn(cfg, "reg", models(sft_model, variants[0]), data, smoke_config.eval,
+                       evaluated([0.0] * n), run_ctx)
     assert first["decision"] == "first champion"
     assert str(alias_version("reg-dpo", "champion").version) == str(alias_version("reg-dpo", "challenger").version) == "1"
     assert client.get_model_version("reg-sft", "1").tags["alignflow.digest"] == sft_model.digest
 
     # the champion (the untuned tiny model) answers nothing correctly: a challenger right everywhere clears it
-    second = promote.fn(cfg, "reg", sft_model, variants[1], data, smoke_config.eval, evaluated([1.0] * n), run_ctx)
+    second = promote.fn(cfg, "reg", models(sft_model, variants[1]), data, smoke_config.eval,
+                        evaluated([1.0] * n), run_ctx)
     assert second["decision"] == "promoted" and second["delta_ci95_low"] > 0
     assert second["champion_accuracy"] == 0.0 and second["previous_champion_version"] == 1
     assert str(alias_version("reg-dpo", "champion").version) == "2"
 
     # one no better than the champion stays challenger
-    third = promote.fn(cfg, "reg", sft_model, variants[2], data, smoke_config.eval, evaluated([0.0] * n), run_ctx)
+    third = promote.fn(cfg, "reg", models(sft_model, variants[2]), data, smoke_config.eval,
+                       evaluated([0.0] * n), run_ctx)
     assert third["decision"] == "kept champion" and third["delta_ci95_low"] <= 0
     assert str(alias_version("reg-dpo", "champion").version) == "2"
     assert str(alias_version("reg-dpo", "challenger").version) == "3"
@@ -112,8 +120,8 @@ def test_refused_challengers_are_registered_but_never_champion(smoke_config, tin
              (longer, ["degenerate: answers 2.00x as long"])]
     for version, (metrics, named) in enumerate(cases, start=1):
         evaluation = {"correct": {"dpo": [0.0] * n}, "metrics": {"sft": sft, "dpo": metrics}}
-        decision = promote.fn(RegistrySection(), "guard", sft_model, variants[version - 1], data, smoke_config.eval,
-                              evaluation, run_ctx)
+        decision = promote.fn(RegistrySection(), "guard", models(sft_model, variants[version - 1]), data,
+                              smoke_config.eval, evaluation, run_ctx)
         assert decision["decision"] == "refused" and "champion_version" not in decision
         reasons = decision["reasons"]
         assert len(reasons) == len(named) and all(r.startswith(x) for r, x in zip(reasons, named)), reasons
@@ -126,7 +134,8 @@ def test_refused_challengers_are_registered_but_never_champion(smoke_config, tin
         assert parent.tags["alignflow.promotion_reason"] == tags["alignflow.promotion_reason"]
         assert parent.metrics["promotion.promoted"] == 0.0
     healthy = {"correct": {"dpo": [0.0] * n}, "metrics": {"sft": sft, "dpo": sft}}
-    decision = promote.fn(RegistrySection(), "guard", sft_model, variants[2], data, smoke_config.eval, healthy, run_ctx)
+    decision = promote.fn(RegistrySection(), "guard", models(sft_model, variants[2]), data, smoke_config.eval, healthy,
+                          run_ctx)
     assert decision["decision"] == "first champion"
     assert str(alias_version("guard-dpo", "champion").version) == "3"
     assert "alignflow.promotion_reason" not in client.get_model_version("guard-dpo", "3").tags
