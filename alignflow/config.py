@@ -296,12 +296,10 @@ class GRPOSection(TrainerSection):
     trl_config = TRAINERS["grpo"].config
     rewards: list[RankerField] = []
 
-    @model_validator(mode="after")
-    def _weights_match(self) -> GRPOSection:
-        weights = self.trainer.get("reward_weights")
-        if weights is not None and self.rewards and len(weights) != len(self.rewards):
-            raise ValueError(f"trainer.reward_weights has {len(weights)} weight(s) for {len(self.rewards)} reward(s)")
-        return self
+    def reward_rankers(self, rank: RankSection) -> list[Ranker]:
+        """What it rewards with: its own `rewards`, else the rank stage's ranker (reward_weights are checked
+        against these by the stage's check, tasks/grpo.py)."""
+        return list(self.rewards) or [rank.ranker]
 
 
 class SampleSection(Section):
@@ -385,8 +383,8 @@ class PipelineConfig(Section):
         return "grpo" in self.dpo.baselines
 
     def grpo_rewards(self) -> list[Ranker]:
-        """The rankers the GRPO stage rewards with: its own `rewards`, else the rank stage's ranker."""
-        return list(self.grpo.rewards) or [self.rank.ranker]
+        """The rankers the GRPO stage rewards with (GRPOSection.reward_rankers)."""
+        return self.grpo.reward_rankers(self.rank)
 
     @model_validator(mode="after")
     def _evaluation_has_a_judge(self) -> PipelineConfig:

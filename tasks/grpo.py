@@ -29,10 +29,6 @@ from tasks.caching import stage_dir
 from tasks.stages import Stage, register
 
 
-def rewards_of(cfg: GRPOSection, rank: RankSection) -> list:
-    return list(cfg.rewards) or [rank.ranker]
-
-
 def check(config, device: str, out_dir) -> None:
     from alignflow.training.rewards import check_rewards
 
@@ -71,7 +67,7 @@ def grpo(cfg: GRPOSection, rank: RankSection, policy: ModelRef, prompts: Dataset
          name: str = "grpo", cache_key: str | None = None) -> ModelRef:
     out_dir = stage_dir(ctx, name, cache_key)
     args = trainer_arguments(cfg, "grpo", ctx.device, ctx.seed, out_dir / "trainer")
-    rewards = [r.model_dump(mode="json") for r in rewards_of(cfg, rank)]
+    rewards = [r.model_dump(mode="json") for r in cfg.reward_rankers(rank)]
     return train_stage(ctx, name, "grpo", cfg, "grpo", args, policy, out_dir, cache_key,
                        inputs=lambda: prompt_inputs(policy, prompts, name, out_dir),
                        params={"policy": policy.uri, "rewards": [r["type"] for r in rewards]}, merge_adapter=True,
