@@ -111,10 +111,10 @@ def check_labels(labels: list[dict], expected: dict[str, list[str]], source: str
         for cid, rank in ranks.items():
             if cid not in wanted:
                 raise LabelError(source, f"unknown candidate id {cid!r} of prompt {pid} (it has {wanted})",
-                                 row=row, field=f"ranks.{cid}")
+                                 row=row, field=f"ranks.{cid!r}" if not cid.isprintable() else f"ranks.{cid}")
             if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= n:
                 raise LabelError(source, f"rank {rank!r} out of range: 1 (best) to {n}", row=row,
-                                 field=f"ranks.{cid}")
+                                 field=f"ranks.{cid!r}" if not cid.isprintable() else f"ranks.{cid}")
         missing = [c for c in wanted if c not in ranks]
         if missing:
             raise LabelError(source, f"candidates {missing} of prompt {pid} have no rank", row=row, field="ranks")
