@@ -123,6 +123,7 @@ class SmolSetup(Setup):
         self.pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": sft[-1 - i]["completion"]}
                       for i, r in enumerate(sft[SMOL_SFT_ROWS:SMOL_SFT_ROWS + SMOL_DPO_PAIRS])]
         self.lora = lora_config(self.config.sft.lora)
+        self.dpo_lora = lora_config(self.config.dpo.lora)  # the recipe's DPO adapter (no dropout)
         self.vllm = vllm
 
     def policy(self) -> str:
@@ -205,6 +206,7 @@ def dpo_variants(s: Setup) -> dict:
     from alignflow.training.run import CheckpointMarker
 
     cfg = s.config.dpo
+    lora = getattr(s, "dpo_lora", s.lora)
     batch, lr = cfg.trainer["per_device_train_batch_size"], cfg.trainer["learning_rate"]
     max_length = cfg.trainer.get("max_length", 1024)
     data = Dataset.from_list(s.pairs)
@@ -214,16 +216,16 @@ def dpo_variants(s: Setup) -> dict:
     def alignflow(tmp):
         args = trainer_args({**cfg.trainer, "num_train_epochs": 1}, "cpu", 0, Path(tmp), cfg.checkpoint_steps)
         own_ref = args.get("precompute_ref_log_probs")
-        ref = None if own_ref or s.lora is not None else s.model()  # with LoRA: the adapter disabled
+        ref = None if own_ref or lora is not None else s.model()  # with LoRA: the adapter disabled
         trainer = DPOTrainer(model=s.model(), ref_model=ref, args=DPOConfig(**args), train_dataset=data,
-                             processing_class=s.tokenizer, callbacks=[CheckpointMarker()], peft_config=s.lora)
+                             processing_class=s.tokenizer, callbacks=[CheckpointMarker()], peft_config=lora)
         return lambda: trainer.train()
 
     def trl_defaults(tmp):
         args = DPOConfig(output_dir=tmp, use_cpu=True, per_device_train_batch_size=batch, learning_rate=lr,
                          num_train_epochs=1, seed=0)
         trainer = DPOTrainer(model=s.model(), args=args, train_dataset=data, processing_class=s.tokenizer,
-                             peft_config=s.lora)
+                             peft_config=lora)
         return lambda: trainer.train()
 
     return {"tokens": tokens, "variants": {"alignflow": alignflow, "trl_defaults": trl_defaults}}

@@ -194,7 +194,8 @@ def main() -> int:
         client = MlflowClient()
         for row in groups[0]:
             run = client.get_run(row["run_id"])
-            row |= {"prompts": quality_ifeval.per_prompt(client, run), "promotion": quality_ifeval.promotion(run)}
+            row |= {"prompts": quality_ifeval.per_prompt(client, run), "promotion": quality_ifeval.promotion(run),
+                    "stages": quality_ifeval.stage_minutes(client, run)}
         out = quality_ifeval.section(groups[0], command + f" (git {commit})", machine(), wall)
         return write_section(Path(args.out), out, quality_ifeval.BEGIN, quality_ifeval.END)
     out = [BEGIN, f"## Quality benchmark: {', '.join(names)}; seeds {args.seeds}", "",

@@ -31,6 +31,14 @@ def per_prompt(client, run) -> dict:
     return {"correct": results["correct"], "tasks": results["tasks"]}
 
 
+def stage_minutes(client, run) -> dict:
+    """Each stage's wall time in minutes (its MLflow child run, start to end) of a flow run."""
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                  max_results=200)
+    return {c.data.tags.get("alignflow.stage", c.info.run_name): (c.info.end_time - c.info.start_time) / 60000
+            for c in children if c.info.end_time}
+
+
 def pooled_delta(rows: list[dict], task: str, first: str, second: str,
                  resamples: int = 2000) -> tuple[float, float, float]:
     """first − second on one task's prompts, all seeds pooled, with a paired 95% bootstrap interval."""
@@ -117,6 +125,11 @@ def section(rows: list[dict], command: str, machine: str, wall: float) -> list[s
             "| model | mean words | mean tokens | repetition rate | EOS rate |", "|---|---|---|---|---|"]
     out += [f"| {m} | {mean(rows, f'{m}.mean_words'):.1f} | {mean(rows, f'{m}.mean_tokens'):.1f} | "
             f"{f3(mean(rows, f'{m}.repetition_rate'))} | {f3(mean(rows, f'{m}.eos_rate'))} |" for m in models]
+    if all("stages" in r for r in rows):
+        stages = [s for s in rows[0]["stages"] if all(s in r["stages"] for r in rows)]
+        out += ["", "### Wall time per stage (minutes, per seed)", "", "| seed | " + " | ".join(stages) + " |",
+                "|" + "---|" * (len(stages) + 1)]
+        out += [f"| {r['seed']} | " + " | ".join(f"{r['stages'][s]:.1f}" for s in stages) + " |" for r in rows]
     out.append(END)
     return out
 
