@@ -130,6 +130,13 @@ class SmolSetup(Setup):
         return self.model_path  # instruction-tuned already: its answers end
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16): where TRL's bf16 default is fast, so
+    alignflow's settings are also timed in bf16 (`trainer.bf16: true`) beside its fp32 CPU default."""
+    return not torch.cuda.is_available() and (torch.cpu._is_amx_tile_supported() or
+                                              torch.cpu._is_avx512_bf16_supported())
+
+
 def timed(fn) -> float:
     gc.collect()
     start = time.perf_counter()
@@ -150,8 +157,9 @@ def sft_variants(s: Setup) -> dict:
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in s.sft_rows])
     tokens = sum(s.length(r["prompt"], r["completion"], max_length) for r in s.sft_rows)
 
-    def alignflow(tmp):
-        args = trainer_args({**cfg.trainer, "num_train_epochs": 1}, "cpu", 0, Path(tmp), cfg.checkpoint_steps)
+    def alignflow(tmp, bf16: bool = False):
+        args = trainer_args({**cfg.trainer, "num_train_epochs": 1} | ({"bf16": True} if bf16 else {}), "cpu", 0,
+                            Path(tmp), cfg.checkpoint_steps)
         trainer = SFTTrainer(model=s.model(), args=SFTConfig(**args), train_dataset=data, processing_class=s.tokenizer,
                              callbacks=[CheckpointMarker()], peft_config=s.lora)
         return lambda: trainer.train()
@@ -193,6 +201,8 @@ def sft_variants(s: Setup) -> dict:
         return run
 
     variants = {"alignflow": alignflow, "trl_defaults": trl_defaults, "raw_pytorch": raw_loop}
+    if cpu_bf16():
+        variants["alignflow_bf16"] = lambda tmp: alignflow(tmp, bf16=True)
     if s.lora is not None:  # the raw loop trains every weight
         del variants["raw_pytorch"]
     return {"tokens": tokens, "variants": variants}
@@ -213,8 +223,9 @@ def dpo_variants(s: Setup) -> dict:
     tokens = sum(s.length(p["prompt"], p["chosen"], max_length) + s.length(p["prompt"], p["rejected"], max_length)
                  for p in s.pairs)
 
-    def alignflow(tmp):
-        args = trainer_args({**cfg.trainer, "num_train_epochs": 1}, "cpu", 0, Path(tmp), cfg.checkpoint_steps)
+    def alignflow(tmp, bf16: bool = False):
+        args = trainer_args({**cfg.trainer, "num_train_epochs": 1} | ({"bf16": True} if bf16 else {}), "cpu", 0,
+                            Path(tmp), cfg.checkpoint_steps)
         own_ref = args.get("precompute_ref_log_probs")
         ref = None if own_ref or lora is not None else s.model()  # with LoRA: the adapter disabled
         trainer = DPOTrainer(model=s.model(), ref_model=ref, args=DPOConfig(**args), train_dataset=data,
@@ -228,7 +239,10 @@ def dpo_variants(s: Setup) -> dict:
                              peft_config=lora)
         return lambda: trainer.train()
 
-    return {"tokens": tokens, "variants": {"alignflow": alignflow, "trl_defaults": trl_defaults}}
+    variants = {"alignflow": alignflow, "trl_defaults": trl_defaults}
+    if cpu_bf16():
+        variants["alignflow_bf16"] = lambda tmp: alignflow(tmp, bf16=True)
+    return {"tokens": tokens, "variants": variants}
 
 
 # ---------------------------------------------------------------- sampling
@@ -395,12 +409,13 @@ def run_comparison(name: str, spec: dict, repeats: int) -> dict:
 
 SMOL_GOALS = {  # issue 27's, on SmolLM2
     "sample": [("alignflow", "per_prompt", 2.0)],
-    "sft": [("alignflow", "trl_defaults", 1.0)],
-    "dpo": [("alignflow", "trl_defaults", 1.0)],
+    "sft": [("alignflow", "trl_defaults", 1.0), ("alignflow_bf16", "trl_defaults", 1.0)],
+    "dpo": [("alignflow", "trl_defaults", 1.0), ("alignflow_bf16", "trl_defaults", 1.0)],
 }
-GOALS = {  # (comparison, numerator, denominator, goal)
-    "sft": [("alignflow", "trl_defaults", 1.3), ("alignflow", "raw_pytorch", 0.6)],
-    "dpo": [("alignflow", "trl_defaults", 1.2)],
+GOALS = {  # (comparison, numerator, denominator, goal); alignflow_bf16 only where the CPU has native bf16
+    "sft": [("alignflow", "trl_defaults", 1.3), ("alignflow_bf16", "trl_defaults", 1.0),
+            ("alignflow", "raw_pytorch", 0.6)],
+    "dpo": [("alignflow", "trl_defaults", 1.2), ("alignflow_bf16", "trl_defaults", 1.2)],
     "sample": [("alignflow", "per_sample", 10.0), ("alignflow", "per_prompt", 2.0)],
 }
 
@@ -423,6 +438,8 @@ def write_results(results: dict, out: Path, repeats: int, command: str, wall: fl
         if name not in results:
             continue
         for a, b, goal in goals:
+            if a not in results[name] or b not in results[name]:
+                continue
             ratio = results[name][a]["tok_s"] / results[name][b]["tok_s"]
             lines.append(f"| {name}: {a} / {b} | {ratio:.2f}× | ≥ {goal}× | {'yes' if ratio >= goal else '**no**'} |")
     if "flow" in results:

@@ -37,8 +37,24 @@ def check(config, device: str, out_dir) -> None:
     weights = config.grpo.trainer.get("reward_weights")
     if weights is not None and len(weights) != len(rewards):
         raise ValueError(f"grpo.trainer.reward_weights has {len(weights)} weight(s) for {len(rewards)} reward(s)")
+    loss_type, known = config.grpo.trainer.get("loss_type"), trl_loss_types()
+    if loss_type is not None and known and loss_type not in known:  # TRL itself refuses it mid-training
+        raise ValueError(f"grpo.trainer.loss_type {loss_type!r} is not one of TRL's: {', '.join(known)}")
     args = trainer_arguments(config.grpo, "grpo", device, config.seed, out_dir)
     check_training("grpo", "grpo", args, "grpo", config.grpo.launch, device)
+
+
+def trl_loss_types() -> list[str]:
+    """The loss types the installed TRL's GRPOConfig names as supported (its field is a plain string, checked
+    only when the first loss is computed), read from the field's own help text so that they follow TRL."""
+    import dataclasses
+    import re
+
+    from trl import GRPOConfig
+
+    text = next(f for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type").metadata.get("help", "")
+    listed = re.search(r"Supported values are (.*?)\.", text)
+    return re.findall(r"'(\w+)'", listed.group(1)) if listed else []
 
 
 def prompt_inputs(policy: ModelRef, prompts: DatasetRef, name: str, out_dir) -> tuple[str, str, object]:
