@@ -144,6 +144,23 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (VmHWM) afresh: Linux resets it on writing 5 to clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak RSS since the last reset (VmHWM), in MiB; None where /proc is not there."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
 # ---------------------------------------------------------------- SFT
 
 def sft_variants(s: Setup) -> dict:
@@ -287,6 +304,8 @@ def sample_variants(s: Setup) -> dict:
 
     per_sample, per_prompt = baseline("per_sample", n, 1), baseline("per_prompt", 1, n)
     variants = {"alignflow": alignflow, "per_sample": per_sample, "per_prompt": per_prompt}
+    if isinstance(s, SmolSetup):  # its goal is against the per-prompt loop; one call per sample is the slowest
+        del variants["per_sample"]
     if s.vllm:
         def vllm(tmp):
             from alignflow.components import ENGINES
@@ -390,21 +409,30 @@ def flow_comparison(config_path: str, repeats: int) -> dict:
 
 # ---------------------------------------------------------------- driver
 
+OUT_OF_PROCESS = {"vllm"}  # variants whose work runs in another process: this one's peak RSS says nothing
+
+
 def run_comparison(name: str, spec: dict, repeats: int) -> dict:
     times: dict[str, list[float]] = {v: [] for v in spec["variants"]}
     tokens: dict[str, list[int]] = {v: [] for v in spec["variants"]}
+    peaks: dict[str, list[float]] = {v: [] for v in spec["variants"]}
     for r in range(repeats):
         for variant, make in spec["variants"].items():  # interleaved: A, B, C, A, B, C, ...
             with tempfile.TemporaryDirectory() as tmp:
+                gc.collect()
+                reset_peak_rss()  # the variant's peak: its model load and setup included
                 run = make(tmp)
                 seconds = timed(run)
+                if variant not in OUT_OF_PROCESS and (peak := peak_rss_mib()) is not None:
+                    peaks[variant].append(peak)
             counted = spec["tokens"] if isinstance(spec["tokens"], int) else spec["tokens"][variant]
             times[variant].append(seconds)
             tokens[variant].append(counted)
             print(f"[{name}] repeat {r + 1}/{repeats} {variant}: {seconds:.2f} s, {counted / seconds:,.0f} tok/s",
                   flush=True)
     return {v: {"seconds": statistics.median(times[v]), "tok_s": statistics.median(
-        t / s for t, s in zip(tokens[v], times[v])), "tokens": statistics.median(tokens[v])} for v in times}
+        t / s for t, s in zip(tokens[v], times[v])), "tokens": statistics.median(tokens[v]),
+        "peak_mib": statistics.median(peaks[v]) if peaks[v] else None} for v in times}
 
 
 SMOL_GOALS = {  # issue 27's, on SmolLM2
@@ -461,8 +489,11 @@ def write_results(results: dict, out: Path, repeats: int, command: str, wall: fl
             lines += [f"| peak RSS, `alignflow stage {k}` alone | {v:.2f} GB |" for k, v in stages.items()]
             continue
         heading = "##" if model == "tiny" else "###"
-        lines += ["", f"{heading} {name}", "", "| variant | median s | real tokens | tokens/s |", "|---|---|---|---|"]
-        lines += [f"| {v} | {m['seconds']:.2f} | {m['tokens']:,.0f} | {m['tok_s']:,.0f} |" for v, m in variants.items()]
+        lines += ["", f"{heading} {name}", "", "| variant | median s | real tokens | tokens/s | peak RSS MiB |",
+                  "|---|---|---|---|---|"]
+        peak = lambda m: "–" if m.get("peak_mib") is None else f"{m['peak_mib']:,.0f}"  # noqa: E731
+        lines += [f"| {v} | {m['seconds']:.2f} | {m['tokens']:,.0f} | {m['tok_s']:,.0f} | {peak(m)} |"
+                  for v, m in variants.items()]
     if model != "tiny":  # its own section of the file, between markers, before the reading
         text = out.read_text() if out.exists() else "# Performance benchmarks (bench/perf.py)\n"
         block = "\n".join([SMOL_BEGIN, *lines, SMOL_END])

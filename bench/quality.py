@@ -4,6 +4,8 @@ seeds, judged against issue #12's goal.
     python bench/quality.py                                  # both configs, seeds 0 1 2 -> docs/results.md
     python bench/quality.py --configs configs/default.yaml --seeds 0 --out /tmp/r.md dpo.trainer.beta=0.2
     python bench/quality.py --ifeval                         # configs/smollm2-ifeval.yaml, seeds 0 1 2 (issue 25)
+    python bench/quality.py --ifeval --seeds 2 --save s2.json    # one seed's numbers kept, to put together later:
+    python bench/quality.py --ifeval --from-saved s01.json s2.json --out docs/results.md
 
 Each (config, seed) is one full flow run (same embedded data and base models per config, different
 training and sampling seed) logged to MLflow (experiment `alignflow-quality` unless overridden); the
@@ -148,6 +150,11 @@ def main() -> int:
     parser.add_argument("--experiment", default="alignflow-quality")
     parser.add_argument("--from-runs", nargs="+", default=None, metavar="CONFIG=RUN_ID",
                         help="write the results from finished parent runs instead of running the flow")
+    parser.add_argument("--save", default=None, metavar="JSON",
+                        help="with --ifeval: also write each seed's numbers (per-prompt results included) to JSON, so "
+                             "seeds run in different sessions can be put together with --from-saved")
+    parser.add_argument("--from-saved", nargs="+", default=None, metavar="JSON",
+                        help="with --ifeval: write the section from seeds saved by --save (no flow runs)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run (a lever to try)")
     args = parser.parse_args()
     args.configs = args.configs or ([str(ROOT / "configs" / "smollm2-ifeval.yaml")] if args.ifeval else
@@ -160,6 +167,17 @@ def main() -> int:
     from flows.pipeline import align
 
     started, results = time.time(), {}
+    if args.from_saved:  # seeds saved by --save, each with the command and commit that made it
+        import json
+
+        import quality_ifeval
+
+        rows = sorted((r for f in args.from_saved for r in json.loads(Path(f).read_text())["rows"]),
+                      key=lambda r: r["seed"])
+        saved = [json.loads(Path(f).read_text()) for f in args.from_saved]
+        out = quality_ifeval.section(rows, "`; `".join(sorted({s["command"] for s in saved})),
+                                     "; ".join(sorted({s["machine"] for s in saved})), sum(r["wall_s"] for r in rows))
+        return write_section(Path(args.out), out, quality_ifeval.BEGIN, quality_ifeval.END)
     if args.from_runs:
         for item in args.from_runs:
             config, run_id = item.rsplit("=", 1)
@@ -196,6 +214,12 @@ def main() -> int:
             run = client.get_run(row["run_id"])
             row |= {"prompts": quality_ifeval.per_prompt(client, run), "promotion": quality_ifeval.promotion(run),
                     "stages": quality_ifeval.stage_minutes(client, run)}
+        if args.save:
+            import json
+
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.save).write_text(json.dumps({"command": command + f" (git {commit})", "machine": machine(),
+                                                   "rows": groups[0]}, indent=1) + "\n")
         out = quality_ifeval.section(groups[0], command + f" (git {commit})", machine(), wall)
         return write_section(Path(args.out), out, quality_ifeval.BEGIN, quality_ifeval.END)
     out = [BEGIN, f"## Quality benchmark: {', '.join(names)}; seeds {args.seeds}", "",
