@@ -36,6 +36,11 @@ def machine() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    try:  # the CPU's name where Linux gives it (platform.processor() is often empty there)
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
