@@ -126,7 +126,9 @@ def section(rows: list[dict], command: str, machine: str, wall: float) -> list[s
     out += [f"| {m} | {mean(rows, f'{m}.mean_words'):.1f} | {mean(rows, f'{m}.mean_tokens'):.1f} | "
             f"{f3(mean(rows, f'{m}.repetition_rate'))} | {f3(mean(rows, f'{m}.eos_rate'))} |" for m in models]
     if all("stages" in r for r in rows):
-        order = ["load_data", "select_base", "sft", "sample", "rank", "dpo", "rft", "grpo", "evaluate", "promote"]
+        from tasks import stages as registry
+
+        order = list(registry.stages())  # the flow's order
         stages = sorted((s for s in rows[0]["stages"] if all(s in r["stages"] for r in rows)),
                         key=lambda s: order.index(s) if s in order else len(order))
         out += ["", "### Wall time per stage (minutes, per seed)", "", "| seed | " + " | ".join(stages) + " |",
