@@ -118,8 +118,8 @@ class SmolSetup(Setup):
         self.tokenizer = load_tokenizer(self.model_path)
         sft = load_rows(embedded.data_path(spec, "embedded:ifeval-sft"))
         self.sft_rows = sft[:SMOL_SFT_ROWS]
-        self.prompts = [r["prompt"] for r in load_rows(embedded.data_path(spec, "embedded:ifeval-prompts"))
-                        [:SMOL_PROMPTS]]
+        self.prompts = [r["prompt"] for r in load_rows(embedded.data_path(spec, "embedded:ifeval-prompts"),
+                                                       require_reference=False)[:SMOL_PROMPTS]]  # constraints only
         self.pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": sft[-1 - i]["completion"]}
                       for i, r in enumerate(sft[SMOL_SFT_ROWS:SMOL_SFT_ROWS + SMOL_DPO_PAIRS])]
         self.lora = lora_config(self.config.sft.lora)
