@@ -177,9 +177,8 @@ def main() -> int:
 
         import quality_ifeval
 
-        rows = sorted((r for f in args.from_saved for r in json.loads(Path(f).read_text())["rows"]),
-                      key=lambda r: r["seed"])
         saved = [json.loads(Path(f).read_text()) for f in args.from_saved]
+        rows = sorted((r for s in saved for r in s["rows"]), key=lambda r: r["seed"])
         out = quality_ifeval.section(rows, "`; `".join(sorted({s["command"] for s in saved})),
                                      "; ".join(sorted({s["machine"] for s in saved})), sum(r["wall_s"] for r in rows))
         return write_section(Path(args.out), out, quality_ifeval.BEGIN, quality_ifeval.END)
